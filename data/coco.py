@@ -1,0 +1,371 @@
+"""COCO 2017 captions, the Karpathy split, and plain image folders, with robust RGB loading.
+
+Layouts read:
+    COCO 2017:  {data_dir}/annotations/captions_{split}2017.json, {data_dir}/{split}2017/{file_name}
+                (the toy world writes the same layout; its image entries add "scene" and "heldout")
+    Karpathy:   --karpathy_json dataset_coco.json; images at {data_dir}/{filepath}/{filename}, falling
+                back to the COCO 2017 names {data_dir}/{train,val}2017/{cocoid:012d}.jpg when only
+                COCO 2017 is on disk (the same photos under other names). split "train" = train + restval.
+    Folder:     every image file under a directory, recursively, sorted.
+
+Unreadable or missing images do not stop a run: `__getitem__` returns None, `collate_skip_none`
+drops it, and the dataset records the file (`num_skipped`) and warns once per file. DataLoader
+workers are separate processes holding their own copy of the dataset: with num_workers > 0 the
+warnings still appear (from the worker that met the file) but the main process's `num_skipped`
+stays 0; count with num_workers=0 when the exact number matters.
+"""
+
+import contextlib
+import io
+import json
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, default_collate
+from torchvision import transforms
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+KARPATHY_SPLITS = ("train", "val", "test", "restval")
+
+# Files already warned about in this process (each DataLoader worker has its own set).
+_warned_paths = set()
+
+
+class UnreadableImage(Exception):
+    """An image file that is missing, truncated, corrupt or not an image."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _die(message):
+    raise SystemExit(f"error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading any image as 8-bit RGB
+
+def _high_bit_depth_to_l(img):
+    """16/32-bit integer or float greyscale -> 8-bit L, scaled (PIL's own convert clips at 255)."""
+    a = np.asarray(img)
+    if a.size == 0:
+        return Image.new("L", img.size)
+    if img.mode == "F":
+        a = np.nan_to_num(a.astype(np.float64))
+        lo, hi = (0.0, 1.0) if a.min() >= 0 and a.max() <= 1 else (a.min(), a.max())
+    else:
+        a = a.astype(np.int64)
+        # I;16* is 16-bit by definition; PIL also reads 16-bit PNG/PGM as "I" in the 0..65535 range.
+        # Anything else (true 32-bit data) is stretched over its own range.
+        in_16bit = img.mode.startswith("I;16") or (a.min() >= 0 and a.max() <= 65535)
+        lo, hi = (0, 65535) if in_16bit else (a.min(), a.max())
+    if hi <= lo:
+        scaled = np.zeros(a.shape, np.uint8)
+    else:
+        scaled = np.round((a - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(scaled)  # uint8 [H,W] -> mode L
+
+
+def _to_rgb(img):
+    if img.mode.startswith("I") or img.mode == "F":
+        return _high_bit_depth_to_l(img).convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        # Transparent pixels hold arbitrary colours (often black); white is what a viewer shows.
+        if img.mode == "La":  # premultiplied LA: PIL converts it only via LA
+            img = img.convert("LA")
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    # L, 1, P, CMYK (naive inversion, ICC profile ignored), YCbCr, LAB, HSV; RGB -> a copy.
+    return img.convert("RGB")
+
+
+def load_rgb(path):
+    """Any image file -> an 8-bit RGB PIL image, upright (EXIF orientation applied), transparency
+    composited on white. Raises UnreadableImage(path, reason) for a missing, truncated or corrupt
+    file or one that is not an image."""
+    if not os.path.exists(path):
+        raise UnreadableImage(path, "no such file")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: truncation and corruption surface here, not later in a transform
+            try:
+                upright = ImageOps.exif_transpose(img)
+            except Exception:  # a malformed EXIF block: the pixels are fine, keep them unrotated
+                upright = img
+            return _to_rgb(upright)
+    except Exception as e:
+        # PIL's decoders raise many types on damaged input (OSError, SyntaxError, ValueError,
+        # struct.error, EOFError, DecompressionBombError, ...): all mean "this file is unusable".
+        reason = str(e) or type(e).__name__
+        raise UnreadableImage(path, reason) from e
+
+
+def image_transform(image_size):
+    """Shorter side -> image_size (bicubic, antialiased), centre crop, float tensor [3,S,S] in [0,1].
+    No normalisation: each model normalises for itself."""
+    return transforms.Compose([
+        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+    ])
+
+
+def collate_skip_none(batch):
+    """default_collate over the readable items; None when every item of the batch was unreadable."""
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return None
+    return default_collate(batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+
+def check_subset_ratio(subset_ratio):
+    try:
+        ratio = float(subset_ratio)
+    except (TypeError, ValueError):
+        ratio = float("nan")
+    if not (0 < ratio <= 1):  # also catches NaN
+        _die(f"--subset_ratio {subset_ratio} must be in (0, 1]; e.g. 0.1 keeps a tenth of the images")
+    return ratio
+
+
+def subset_indices(n, subset_ratio, seed):
+    """Sorted indices of a random subset of range(n) that depends only on (n, ratio, seed), so every
+    process of a multi-process run picks the same images."""
+    ratio = check_subset_ratio(subset_ratio)
+    if ratio == 1 or n == 0:
+        return list(range(n))
+    k = max(1, round(ratio * n))
+    return sorted(np.random.default_rng(seed).permutation(n)[:k].tolist())
+
+
+class _ImageDataset(Dataset):
+    """Loads and transforms one image per item; unreadable ones -> None, recorded and warned."""
+
+    def __init__(self, image_size):
+        if not isinstance(image_size, int) or image_size <= 0:
+            _die(f"--image_size {image_size} must be a positive integer")
+        self.image_size = image_size
+        self.transform = image_transform(image_size)
+        self.skipped_files = set()  # this process's unreadable files
+
+    @property
+    def num_skipped(self):
+        """Unreadable files met so far by this process (0 in the main process when workers load)."""
+        return len(self.skipped_files)
+
+    def _pixels(self, path):
+        try:
+            return self.transform(load_rgb(path))
+        except UnreadableImage as e:
+            self.skipped_files.add(path)
+            if path not in _warned_paths:
+                _warned_paths.add(path)
+                warnings.warn(f"skipping unreadable image {path}: {e.reason}", stacklevel=3)
+            return None
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO captions (and the Karpathy split)
+
+def _read_json(path, what):
+    if not os.path.isfile(path):
+        _die(f"{path} does not exist; {what}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        _die(f"{path}: not readable JSON ({e}); {what}")
+
+
+def _read_coco_captions(data_dir, split):
+    """-> ordered [(image_id, entry, [captions])], path function, via pycocotools."""
+    from pycocotools.coco import COCO
+
+    ann = os.path.join(data_dir, "annotations", f"captions_{split}2017.json")
+    hint = (f"pass --data_dir the COCO 2017 root (with annotations/captions_{split}2017.json) "
+            f"and a --split it has (train, val)")
+    if not os.path.isfile(ann):
+        _die(f"{ann} does not exist; {hint}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
+            coco = COCO(ann)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError, KeyError, TypeError) as e:
+        _die(f"{ann}: not a COCO captions file ({type(e).__name__}: {e}); {hint}")
+    if not coco.dataset.get("images"):
+        _die(f"{ann}: no \"images\" entries; {hint}")
+    records = []
+    for entry in coco.dataset["images"]:
+        if "id" not in entry or "file_name" not in entry:
+            _die(f"{ann}: an image entry lacks \"id\" or \"file_name\" ({str(entry)[:100]}); "
+                 f"regenerate the annotation file")
+        captions = [a["caption"].strip() for a in coco.imgToAnns.get(entry["id"], []) if "caption" in a]
+        records.append((entry["id"], entry, captions))
+    image_dir = os.path.join(data_dir, f"{split}2017")
+    paths = {image_id: [os.path.join(image_dir, entry["file_name"])] for image_id, entry, _ in records}
+    return records, paths
+
+
+def _read_karpathy(data_dir, split, karpathy_json):
+    hint = "pass the Karpathy dataset_coco.json (images: [{filepath, filename, cocoid, split, sentences}])"
+    if split not in KARPATHY_SPLITS:
+        _die(f"--split {split} is not a Karpathy split; use one of {', '.join(KARPATHY_SPLITS)} "
+             f"(train includes restval)")
+    data = _read_json(karpathy_json, hint)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        _die(f"{karpathy_json}: no \"images\" list; {hint}")
+    wanted = ("train", "restval") if split == "train" else (split,)
+    records, paths = [], {}
+    for entry in data["images"]:
+        if not isinstance(entry, dict) or not {"filename", "cocoid", "split"} <= entry.keys():
+            _die(f"{karpathy_json}: an image entry lacks filename, cocoid or split "
+                 f"({str(entry)[:100]}); {hint}")
+        if entry["split"] not in wanted:
+            continue
+        image_id = int(entry["cocoid"])
+        captions = [s["raw"].strip() for s in entry.get("sentences", []) if "raw" in s]
+        info = {k: v for k, v in entry.items() if k != "sentences"}
+        records.append((image_id, info, captions))
+        # The Karpathy file names the COCO 2014 files; the same photos are in COCO 2017 by id.
+        paths[image_id] = [os.path.join(data_dir, entry.get("filepath", ""), entry["filename"])] + [
+            os.path.join(data_dir, f"{s}2017", f"{image_id:012d}.jpg") for s in ("train", "val")]
+    if not records:
+        _die(f"{karpathy_json}: no images in split {split}; {hint}")
+    return records, paths
+
+
+class _CocoBase(_ImageDataset):
+    def __init__(self, data_dir, split="train", image_size=384, subset_ratio=1.0, karpathy_json=None, seed=0):
+        super().__init__(image_size)
+        check_subset_ratio(subset_ratio)  # before reading a large annotation file
+        if not data_dir or not os.path.isdir(data_dir):
+            _die(f"--data_dir {data_dir} does not exist; pass the COCO 2017 root "
+                 f"(with annotations/ and {split}2017/)")
+        self.data_dir, self.split = data_dir, split
+        if karpathy_json:
+            records, self._paths = _read_karpathy(data_dir, split, karpathy_json)
+        else:
+            records, self._paths = _read_coco_captions(data_dir, split)
+        # The subset is drawn over all images of the split, so the images-only and the caption
+        # dataset with the same seed and ratio hold the same images (bar those without captions).
+        keep = subset_indices(len(records), subset_ratio, seed)
+        self._records = [records[i] for i in keep]
+        # image_id -> the image entry with every extra field (toy world: "scene", "heldout").
+        self.images_info = {image_id: entry for image_id, entry, _ in self._records}
+
+    def image_path(self, image_id):
+        """Where image_id's file is: the first candidate that exists (else the first, to report)."""
+        candidates = self._paths[image_id]
+        for path in candidates:
+            if os.path.exists(path):
+                return path
+        return candidates[0]
+
+
+class CocoImagesOnlyDataset(_CocoBase):
+    """One item per image: {"pixel_values": [3,S,S] float in [0,1], "image_id": int, "index": int}."""
+
+    def __init__(self, data_dir, split="train", image_size=384, subset_ratio=1.0, karpathy_json=None, seed=0):
+        super().__init__(data_dir, split, image_size, subset_ratio, karpathy_json, seed)
+        self.image_ids = [image_id for image_id, _, _ in self._records]
+        if not self.image_ids:
+            _die(f"--data_dir {data_dir}: split {split} has no images")
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def __getitem__(self, index):
+        image_id = self.image_ids[index]
+        pixels = self._pixels(self.image_path(image_id))
+        if pixels is None:
+            return None
+        return {"pixel_values": pixels, "image_id": image_id, "index": index}
+
+
+class CocoImageCaptionDataset(_CocoBase):
+    """One item per caption: {"pixel_values", "caption": str, "image_id", "index"}.
+
+    For evaluation: `image_ids` (images with at least one caption, in file order),
+    `captions_by_image` {image_id: [captions]}, `images_info` {image_id: image entry}."""
+
+    def __init__(self, data_dir, split="train", image_size=384, subset_ratio=1.0, karpathy_json=None, seed=0):
+        super().__init__(data_dir, split, image_size, subset_ratio, karpathy_json, seed)
+        self.captions_by_image = {image_id: caps for image_id, _, caps in self._records if caps}
+        self.image_ids = list(self.captions_by_image)
+        # Grouped by image, in file order: items of one image are adjacent.
+        self.items = [(image_id, c) for image_id, caps in self.captions_by_image.items() for c in caps]
+        if not self.items:
+            _die(f"--data_dir {data_dir}: split {split} has no captions"
+                 + (f" (in the chosen subset of {len(self._records)} images)" if self._records else ""))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        image_id, caption = self.items[index]
+        pixels = self._pixels(self.image_path(image_id))
+        if pixels is None:
+            return None
+        return {"pixel_values": pixels, "caption": caption, "image_id": image_id, "index": index}
+
+
+# ---------------------------------------------------------------------------------------------
+# Any folder of images
+
+def list_images(folder):
+    """Image files under folder, recursively, sorted; hidden files and folders (., e.g. macOS ._x.jpg
+    resource forks, .ipynb_checkpoints) left out."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [os.path.join(root, n) for n in names
+                  if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(files)
+
+
+class ImageFolderDataset(_ImageDataset):
+    """Every image under folder: {"pixel_values": [3,S,S], "image_id": index, "index": index}."""
+
+    def __init__(self, folder, image_size=384, subset_ratio=1.0, seed=0):
+        super().__init__(image_size)
+        check_subset_ratio(subset_ratio)
+        if not folder or not os.path.isdir(folder):
+            _die(f"--data_dir {folder} does not exist; pass a folder of images")
+        files = list_images(folder)
+        if not files:
+            _die(f"--data_dir {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched "
+                 f"recursively); pass a folder of images or the COCO 2017 root")
+        self.folder = folder
+        self.files = [files[i] for i in subset_indices(len(files), subset_ratio, seed)]
+        self.image_ids = list(range(len(self.files)))
+
+    def image_path(self, index):
+        return self.files[index]
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        pixels = self._pixels(self.files[index])
+        if pixels is None:
+            return None
+        return {"pixel_values": pixels, "image_id": index, "index": index}
+
+
+def make_images_dataset(data_dir, split="train", image_size=384, subset_ratio=1.0, karpathy_json=None, seed=0):
+    """COCO images when data_dir has annotations/ (or a Karpathy file is given), else a folder."""
+    if not data_dir or not os.path.isdir(data_dir):
+        _die(f"--data_dir {data_dir} does not exist; pass the COCO 2017 root (with annotations/ and "
+             f"{split}2017/) or a folder of images")
+    check_subset_ratio(subset_ratio)
+    if karpathy_json or os.path.isdir(os.path.join(data_dir, "annotations")):
+        return CocoImagesOnlyDataset(data_dir, split, image_size, subset_ratio, karpathy_json, seed)
+    return ImageFolderDataset(data_dir, image_size, subset_ratio, seed)

@@ -1,0 +1,131 @@
+"""Shared fixtures: tiny models saved in the real formats, so the code under test loads them
+exactly as it loads the real ones (a diffusers Stable Diffusion folder, the HF hub cache)."""
+import os
+import shutil
+import sys
+
+# One thread per process unless told otherwise: on the shared 2-core machine, two OpenMP threads
+# spin-waiting against other processes made a tiny UNet step ~50x slower (11 s instead of 0.2 s).
+# Set before torch is imported; subprocesses of the tests inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch came in earlier
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `pytest tests` as well as `python -m pytest tests`
+    sys.path.insert(0, ROOT)
+
+TINY_SD_IMAGE_SIZE = 16  # VAE downsamples by 2 -> 8x8x4 latents = UNet sample_size
+TINY_SD_SEQ_LEN = 16
+TINY_SD_EMBED_DIM = 32
+TINY_VAE_SCALING = 0.5  # not SD's 0.18215, so code that hard-codes SD's value fails the tests
+
+
+def tiny_clip_tokenizer():
+    """A CLIPTokenizer (byte-level BPE, as SD's) over a tiny vocab: letters, a few merges."""
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789.,"
+    tokens = ["!", "<|startoftext|>", "<|endoftext|>"]  # SD 2.x pads with "!" (id 0)
+    tokens += list(letters) + [c + "</w>" for c in letters]
+    merges = [("r", "e"), ("re", "d</w>"), ("o", "n</w>")]
+    tokens += ["re", "red</w>", "on</w>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!",
+                         model_max_length=TINY_SD_SEQ_LEN)
+
+
+def build_tiny_sd(out_dir, prediction_type="epsilon", seed=0):
+    """Save a tiny, randomly initialised SD pipeline with StableDiffusionPipeline.save_pretrained."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=TINY_SD_IMAGE_SIZE,
+        scaling_factor=TINY_VAE_SCALING)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_SD_IMAGE_SIZE // 2, in_channels=4, out_channels=4,
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_SD_EMBED_DIM, attention_head_dim=4, use_linear_projection=True)
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TINY_SD_EMBED_DIM, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=TINY_SD_SEQ_LEN,
+        hidden_act="gelu", pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id))
+    # The schedulers SD 2.1 ships: PNDM for the epsilon 2.1-base, DDIM for the v-prediction 2.1.
+    scheduler_cls = PNDMScheduler if prediction_type == "epsilon" else DDIMScheduler
+    scheduler = scheduler_cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, prediction_type=prediction_type,
+                              set_alpha_to_one=False, steps_offset=1,
+                              **({"skip_prk_steps": True} if scheduler_cls is PNDMScheduler
+                                 else {"clip_sample": False}))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+_TINY_SD_CACHE = {}
+
+
+def make_tiny_sd(tmp_path_factory, prediction_type="epsilon"):
+    """The tiny SD folder for this prediction type, built once per test session."""
+    key = (str(tmp_path_factory.getbasetemp()), prediction_type)
+    if key not in _TINY_SD_CACHE:
+        out = tmp_path_factory.mktemp(f"tiny_sd_{prediction_type}")
+        _TINY_SD_CACHE[key] = build_tiny_sd(out, prediction_type)
+    return _TINY_SD_CACHE[key]
+
+
+def put_in_hf_cache(folder, cache_dir, repo_id, revision="0123456789abcdef0123456789abcdef01234567"):
+    """Place a saved model folder in the HF hub cache layout, as if downloaded as `repo_id`:
+    cache_dir/models--org--name/{refs/main, snapshots/<40-hex>/...}. Returns cache_dir.
+
+    huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE once, at import: a test in this process
+    must also patch huggingface_hub.constants (see the hf_offline_cache fixture), or run the
+    loader in a subprocess with the environment set."""
+    repo_dir = os.path.join(str(cache_dir), "models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, os.path.join(repo_dir, "snapshots", revision))
+    os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
+    with open(os.path.join(repo_dir, "refs", "main"), "w") as f:
+        f.write(revision)
+    return str(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny epsilon-prediction SD folder (16 px images, 8x8x4 latents, L=16, D=32)."""
+    return make_tiny_sd(tmp_path_factory, "epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v_dir(tmp_path_factory):
+    """The same tiny SD with a v-prediction scheduler (like SD 2.1-768)."""
+    return make_tiny_sd(tmp_path_factory, "v_prediction")
+
+
+@pytest.fixture
+def hf_offline_cache(tmp_path, monkeypatch):
+    """An empty HF hub cache in offline mode, for this test only. Returns a function
+    put(folder, repo_id) that places a saved folder in it under repo_id."""
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Already imported: the module constants are what huggingface_hub reads at call time.
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    return lambda folder, repo_id: put_in_hf_cache(folder, cache, repo_id)

@@ -1,0 +1,145 @@
+"""The toy world generator: determinism, COCO layout, held-out split, captions and scoring."""
+import hashlib
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+
+from data import toy_world as tw
+
+
+def digest(folder):
+    """One hash over every file's relative path and bytes."""
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            h.update(os.path.relpath(path, folder).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("toy"))
+    tw.generate(out, num_train=300, num_val=100, seed=3)
+    return out
+
+
+def test_same_seed_same_bytes_other_seed_differs(world, tmp_path):
+    tw.main(["--out_dir", str(tmp_path / "again"), "--num_train", "300", "--num_val", "100", "--seed", "3"])
+    assert digest(world) == digest(str(tmp_path / "again"))
+    tw.generate(str(tmp_path / "other"), num_train=300, num_val=100, seed=4)
+    assert digest(world) != digest(str(tmp_path / "other"))
+
+
+def test_val_does_not_depend_on_num_train(world, tmp_path):
+    tw.generate(str(tmp_path / "fewer"), num_train=10, num_val=100, seed=3)
+    assert digest(os.path.join(world, "val2017")) == digest(str(tmp_path / "fewer" / "val2017"))
+
+
+@pytest.mark.parametrize("split,n", [("train", 300), ("val", 100)])
+def test_coco_layout_loads_with_pycocotools(world, split, n):
+    coco = COCO(os.path.join(world, "annotations", f"captions_{split}2017.json"))
+    ids = coco.getImgIds()
+    assert len(ids) == n
+    for image_id in ids[:20]:
+        info = coco.loadImgs(image_id)[0]
+        assert os.path.isfile(os.path.join(world, f"{split}2017", info["file_name"]))
+        assert info["file_name"] == f"{image_id:012d}.png"
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        captions = [a["caption"] for a in anns]
+        assert len(captions) == 5 and len(set(captions)) == 5
+        for c in captions:
+            assert len(c.split()) <= 14
+            assert tw.canonical(tw.parse_caption(c)) == tw.canonical(info["scene"])
+        json.dumps(info["scene"])  # plain JSON
+
+
+def test_heldout_pairs_only_in_val(world):
+    with open(os.path.join(world, "annotations", "captions_train2017.json")) as f:
+        train = json.load(f)["images"]
+    with open(os.path.join(world, "annotations", "captions_val2017.json")) as f:
+        val = json.load(f)["images"]
+    pairs = lambda img: {(o["colour"], o["shape"]) for o in img["scene"]["objects"]}
+    assert not any(pairs(img) & set(tw.HELDOUT) for img in train)
+    assert not any(img["heldout"] for img in train)
+    held = [img for img in val if img["heldout"]]
+    assert 10 <= len(held) <= 60  # about 30% of val
+    for img in val:
+        assert img["heldout"] == bool(pairs(img) & set(tw.HELDOUT))
+    assert set().union(*(pairs(img) for img in held)) & set(tw.HELDOUT)
+    # a fair share of two-object scenes in both splits
+    for images in (train, val):
+        two = np.mean([len(img["scene"]["objects"]) == 2 for img in images])
+        assert 0.15 < two < 0.45
+
+
+def every_caption(scene):
+    """Every template with every phrase variant, for one scene."""
+    objs = scene["objects"]
+    words = lambda o: f"{o['size']} {o['colour']} {o['shape']}"
+    if len(objs) == 1:
+        for t, pos in itertools.product(tw.ONE_TEMPLATES, tw.POSITION_PHRASES[scene["position"]]):
+            yield t.format(obj=words(objs[0]), pos=pos)
+    else:
+        rels = tw.RELATION_PHRASES[scene["relation"]]
+        invs = tw.RELATION_PHRASES[tw.INVERSE[scene["relation"]]]
+        for t, rel, inv in itertools.product(tw.TWO_TEMPLATES, rels, invs):
+            yield t.format(a=words(objs[0]), b=words(objs[1]), rel=rel, inv=inv)
+
+
+def test_parse_caption_recovers_every_template():
+    rng = np.random.default_rng(0)
+    scenes = [{"objects": [{"colour": "red", "shape": "circle", "size": "small"}], "position": p, "relation": None}
+              for p in tw.POSITIONS]
+    scenes += [{"objects": [{"colour": "blue", "shape": "square", "size": "large"},
+                            {"colour": "white", "shape": "triangle", "size": "small"}],
+                "position": None, "relation": r} for r in tw.RELATIONS]
+    scenes += [tw.sample_scene(rng, heldout=bool(i % 2)) for i in range(50)]
+    n = 0
+    for scene in scenes:
+        for caption in every_caption(scene):
+            assert len(caption.split()) <= 14, caption
+            assert set(caption.split()) <= set(tw.caption_vocabulary()), caption
+            parsed = tw.parse_caption(caption)
+            assert tw.canonical(parsed) == tw.canonical(scene), caption
+            assert tw.attribute_scores(parsed, scene)["all"], caption
+            n += 1
+    assert n > 500
+
+
+def test_parse_caption_unknown_words_give_none():
+    scene = tw.parse_caption("a circle somewhere")
+    assert scene["objects"] == [{"colour": None, "shape": "circle", "size": None}]
+    assert scene["position"] is None
+    assert tw.parse_caption("nothing here") == {"objects": [], "position": None, "relation": None}
+    scores = tw.attribute_scores(scene, {"objects": [{"colour": "red", "shape": "circle", "size": "small"}],
+                                         "position": "left", "relation": None})
+    assert scores == {"colour": False, "shape": True, "size": False, "position": False, "all": False}
+
+
+def test_canonical_left_of_equals_right_of():
+    a = {"colour": "red", "shape": "circle", "size": "small"}
+    b = {"colour": "blue", "shape": "square", "size": "large"}
+    left = {"objects": [a, b], "position": None, "relation": "left of"}
+    right = {"objects": [b, a], "position": None, "relation": "right of"}
+    above = {"objects": [a, b], "position": None, "relation": "above"}
+    below = {"objects": [b, a], "position": None, "relation": "below"}
+    assert tw.canonical(left) == tw.canonical(right)
+    assert tw.canonical(above) == tw.canonical(below)
+    assert tw.canonical(left) != tw.canonical(above)
+    assert tw.attribute_scores(right, left)["all"]
+    assert tw.parse_caption("a small red circle to the left of a large blue square") == left
+    assert tw.canonical(tw.parse_caption("a large blue square to the right of a small red circle")) == \
+        tw.canonical(left)
+    # swapped colours are a colour error, not a match
+    swapped = {"objects": [dict(a, colour="blue"), dict(b, colour="red")], "position": None, "relation": "left of"}
+    scores = tw.attribute_scores(swapped, left)
+    assert not scores["colour"] and scores["shape"] and scores["relation"] and not scores["all"]
+    # a wrong number of objects gets everything wrong
+    assert not any(tw.attribute_scores({"objects": [a], "position": "left"}, left).values())
