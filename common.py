@@ -61,7 +61,7 @@ def add_training_args(parser):
     g.add_argument("--lr_warmup_steps", type=int, default=500)
     g.add_argument("--epochs", type=int, default=3)
     g.add_argument("--max_steps", type=int, default=None,
-                   help="optimizer steps; overrides --epochs when given")
+                   help="optimizer steps; overrides --epochs when given (0: use --epochs)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
@@ -259,6 +259,7 @@ class Trainer:
             from diffusers.training_utils import EMAModel
             self.ema = EMAModel(self.params, decay=args.ema_decay)
         self.step = 0
+        self.epoch_times = {}  # epoch -> [seconds, steps] of this invocation: data + compute only
 
     def resume(self, path):
         ckpt = load_checkpoint(path, self.kind)
@@ -305,6 +306,7 @@ class Trainer:
 
     def train(self, compute_loss, validate=None, validation_steps=0, desc="train"):
         """compute_loss(batch) -> scalar loss; validate(step) runs on the main process only."""
+        import time
         from tqdm.auto import tqdm
         acc, args = self.accelerator, self.args
         progress = tqdm(total=self.max_steps, initial=self.step, desc=desc, disable=not acc.is_main_process)
@@ -319,6 +321,7 @@ class Trainer:
             done = self.step - epoch * self.steps_per_epoch
             if done:
                 batches = acc.skip_first_batches(self.loader, done * args.gradient_accumulation_steps)
+            seconds, start_step, tick = 0.0, self.step, time.perf_counter()
             for batch in batches:
                 if batch is None:  # every image of the batch was unreadable (each already warned)
                     continue
@@ -335,6 +338,7 @@ class Trainer:
                 self.step += 1
                 if self.ema is not None:
                     self.ema.step(self.params)
+                seconds += time.perf_counter() - tick
                 progress.update(1)
                 last = self.step == self.max_steps
                 if self.step % args.log_every == 0 or last:
@@ -349,6 +353,8 @@ class Trainer:
                     self.with_ema_weights(lambda: validate(self.step))
                 if self.step >= self.max_steps:
                     break
+                tick = time.perf_counter()  # checkpoints and samples are not counted
+            self.epoch_times[epoch] = [seconds, self.step - start_step]
         progress.close()
 
     def finish(self, skipped=0):
@@ -360,6 +366,7 @@ class Trainer:
         if acc.is_main_process:
             save_json(os.path.join(self.args.output_dir, "summary.json"),
                       dict(step=self.step, num_processes=acc.num_processes,
+                           epoch_seconds_and_steps=self.epoch_times,
                            param_checksums=checksums, skipped_images=sum(skips)))
         acc.wait_for_everyone()
         acc.end_training()

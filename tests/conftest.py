@@ -129,3 +129,55 @@ def hf_offline_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     return lambda folder, repo_id: put_in_hf_cache(folder, cache, repo_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny causal LMs saved as Hugging Face folders, loaded as distilgpt2 / a Llama would be.
+
+CAPTIONS = [
+    "a large red circle on the left",
+    "there is a small blue square above a large green triangle",
+    "a single small white triangle at the top",
+    "an image of a large yellow square in the middle",
+]
+# More text for the tokenizer, so the BPE vocabulary is not just these four captions.
+CORPUS = CAPTIONS + [f"a {s} {c} {sh} {p}" for s in ("small", "large") for c in ("red", "green", "blue", "purple")
+                     for sh in ("circle", "square") for p in ("on the right", "at the bottom", "in the center")]
+
+
+def save_tiny_gpt2(out_dir, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from models.toy_lm import train_tokenizer
+
+    tokenizer = train_tokenizer(CORPUS, vocab_size=512)
+    eot = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                    bos_token_id=eot, eos_token_id=eot))
+    lm.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def save_tiny_llama(out_dir, seed=0):
+    """A Llama with its own <s> BOS and </s> EOS and no pad token, as Llama ships."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id))
+    lm.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)

@@ -1,0 +1,297 @@
+"""Stage-2 captioner D: the caption embedding z [B,L,D] -> a caption, through a causal LM.
+
+A projection psi (linear | mlp) maps every one of the L vectors of z to the LM's input width; the
+L projected vectors are a prefix of `inputs_embeds`, as in ClipCap and VLV. Training and inference
+feed the LM the same sequence:
+
+    [psi(z): L positions] [BOS, if the tokenizer has one] [caption tokens] [EOS]
+
+The labels are -100 on the prefix, on BOS and on padding, so the loss covers the caption tokens
+and EOS. EOS is trained (the official VLV code trains none and has to cut its captions afterwards),
+so `generate()` stops by itself. Every prefix has the same length L, so batched generation needs no
+left padding: the attention mask is all ones at the start, and transformers' `generate()` runs
+batched beam search with the KV cache straight from `inputs_embeds`.
+
+Any causal LM that `AutoModelForCausalLM` loads works (GPT-2/distilgpt2, Qwen2.5, Llama, the toy
+LM of models/toy_lm.py): token embeddings come from `lm.get_input_embeddings()`, the width from
+its `embedding_dim`, LoRA targets from peft's table or, for unknown architectures, from the
+Linear/Conv1D layers inside attention blocks.
+"""
+import warnings
+
+import torch
+import torch.nn as nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
+
+# Longer captions are cut (EOS is still appended): COCO captions are ~10-20 tokens, and a cap keeps
+# a stray paragraph from blowing up a batch or running past a GPT-2's learned positions.
+MAX_CAPTION_TOKENS = 64
+
+
+def _die(message):
+    raise SystemExit(f"error: {message}")
+
+
+def _load_lm(llm, dtype):
+    # Local folders and hub ids (from the HF cache when HF_HUB_OFFLINE=1) both go through the Auto
+    # classes. Never trust_remote_code: the captioner must not run code shipped with weights.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(llm)
+        lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _die(f"--llm {llm}: cannot load a causal LM and its tokenizer ({reason}); pass a local Hugging Face "
+             f"folder (config.json, weights, tokenizer files; e.g. `python -m models.toy_lm` writes one) "
+             f"or a hub id already in the HF cache (HF_HUB_OFFLINE=1 skips the network)")
+    return lm, tokenizer
+
+
+def _lora_targets(lm):
+    """peft's default LoRA targets for known architectures, else every Linear/Conv1D inside an
+    attention block (full module names, so an MLP layer with the same short name is left alone)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(lm.config.model_type)
+    if targets is None:
+        targets = [name for name, m in lm.named_modules()
+                   if isinstance(m, (nn.Linear, Conv1D)) and ("attn" in name.lower() or "attention" in name.lower())]
+    if not targets:
+        _die(f"LoRA: found no Linear/Conv1D layer inside attention in a {type(lm).__name__}; "
+             f"use --finetune_lm or keep the LM frozen")
+    # GPT-2 style Conv1D stores weights transposed; peft needs to be told.
+    targeted = [m for name, m in lm.named_modules()
+                if any(name == t or name.endswith("." + t) for t in targets)]
+    fan_in_fan_out = any(isinstance(m, Conv1D) for m in targeted)
+    return list(targets), fan_in_fan_out
+
+
+class EmbToCaption(nn.Module):
+    """z [B,L,D] -> caption. A projection (linear | mlp) maps z to the LM width and is prepended as
+    inputs_embeds before the caption tokens; prefix positions are -100 in the labels; an EOS token is
+    appended to every caption in training, so generate() stops by itself."""
+
+    def __init__(self, lm, tokenizer, config):
+        super().__init__()
+        self.lm, self.tokenizer, self.config = lm, tokenizer, config
+        hidden = lm.get_input_embeddings().embedding_dim
+        d = config["prefix_dim"]
+        if config["proj"] == "linear":
+            self.proj = nn.Linear(d, hidden)
+        elif config["proj"] == "mlp":
+            self.proj = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        else:
+            _die(f"proj={config['proj']!r}: unknown projection; use 'linear' or 'mlp'")
+
+        # Some LM tokenizers (GPT-2, Llama) ship no pad token. Padding never reaches the loss
+        # (-100) or attention (mask 0), so EOS serves.
+        if tokenizer.eos_token_id is None:
+            eos = lm.generation_config.eos_token_id if lm.generation_config.eos_token_id is not None \
+                else lm.config.eos_token_id
+            eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+            if eos is None:
+                _die(f"--llm {config['llm']}: its tokenizer and config define no end-of-text token, so "
+                     f"the captioner cannot learn to stop; use an LM with an eos_token")
+            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        # A BOS token marks "text starts here" for LMs trained with one (Llama's <s>, GPT-2's
+        # <|endoftext|> document separator); Qwen2.5 has none and gets none.
+        self.bos_id = tokenizer.bos_token_id
+        self.max_positions = getattr(lm.config, "max_position_embeddings", None)
+
+    @classmethod
+    def from_pretrained(cls, llm, prefix_len, prefix_dim, proj="mlp", freeze_lm=True, lora=False,
+                        lora_rank=8, dtype=torch.float32) -> "EmbToCaption":
+        """llm: hub id or local HF folder. freeze_lm=True keeps the LM fixed (only psi trains);
+        lora=True adds peft LoRA adapters to the frozen LM; freeze_lm=False trains the whole LM."""
+        if lora and not freeze_lm:
+            _die("lora=True adapts a frozen LM and freeze_lm=False trains all of it; pick one")
+        lm, tokenizer = _load_lm(llm, dtype)
+        config = dict(llm=llm, prefix_len=prefix_len, prefix_dim=prefix_dim, proj=proj,
+                      freeze_lm=freeze_lm, lora=lora, lora_rank=lora_rank)
+        lm.requires_grad_(not freeze_lm)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+            targets, fan_in_fan_out = _lora_targets(lm)
+            lm = get_peft_model(lm, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.05,
+                                               target_modules=targets, fan_in_fan_out=fan_in_fan_out,
+                                               bias="none", task_type="CAUSAL_LM"))
+        return cls(lm, tokenizer, config)
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def embed_tokens(self, ids):
+        return self.lm.get_input_embeddings()(ids)
+
+    def prefix_embeds(self, z):
+        """z [B,L,D] -> [B, L(+1 for BOS), H] in the LM's dtype: the start of every sequence."""
+        if z.dim() != 3 or z.shape[1:] != (self.config["prefix_len"], self.config["prefix_dim"]):
+            raise ValueError(f"z has shape {tuple(z.shape)}; expected [B, {self.config['prefix_len']}, "
+                             f"{self.config['prefix_dim']}]")
+        weight = self.lm.get_input_embeddings().weight
+        prefix = self.proj(z.to(self.proj_dtype)).to(weight.dtype)  # [B,L,H]
+        if self.bos_id is not None:
+            bos = self.embed_tokens(torch.full((z.shape[0], 1), self.bos_id, device=z.device))
+            prefix = torch.cat([prefix, bos], dim=1)
+        return prefix
+
+    @property
+    def proj_dtype(self):
+        return next(self.proj.parameters()).dtype
+
+    def tokenize(self, captions):
+        """captions -> list of token-id lists: caption tokens + EOS (no BOS; it is in the prefix)."""
+        limit = MAX_CAPTION_TOKENS
+        if self.max_positions is not None:
+            limit = min(limit, self.max_positions - self.config["prefix_len"] - 2)
+        ids = self.tokenizer([c.strip() for c in captions], add_special_tokens=False)["input_ids"]
+        return [x[:limit] + [self.eos_id] for x in ids]
+
+    # ---- training -----------------------------------------------------------------------------
+    def forward(self, z, captions):
+        """Teacher-forced LM loss (mean over caption tokens + EOS of the batch)."""
+        if len(captions) != z.shape[0]:
+            raise ValueError(f"{z.shape[0]} prefixes but {len(captions)} captions")
+        prefix = self.prefix_embeds(z)                                  # [B,P,H], P = L(+1)
+        ids = self.tokenize(captions)
+        B, P, T = z.shape[0], prefix.shape[1], max(len(x) for x in ids)
+        tokens = torch.full((B, T), self.pad_id, dtype=torch.long, device=z.device)
+        token_mask = torch.zeros((B, T), dtype=torch.long, device=z.device)
+        for i, x in enumerate(ids):
+            tokens[i, :len(x)] = torch.tensor(x, device=z.device)
+            token_mask[i, :len(x)] = 1
+        inputs_embeds = torch.cat([prefix, self.embed_tokens(tokens)], dim=1)       # [B,P+T,H]
+        attention_mask = torch.cat([torch.ones((B, P), dtype=torch.long, device=z.device), token_mask], dim=1)
+        labels = torch.cat([torch.full((B, P), -100, dtype=torch.long, device=z.device),
+                            tokens.masked_fill(token_mask == 0, -100)], dim=1)     # the LM shifts them
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        return out.loss
+
+    # ---- inference ----------------------------------------------------------------------------
+    def generation_kwargs(self, num_beams=3, max_new_tokens=30, min_new_tokens=0, length_penalty=1.0,
+                          no_repeat_ngram_size=0, do_sample=False, top_p=0.9, temperature=1.0, use_cache=True):
+        # transformers 5 fills every generation field left unset from the LM's generation_config.json
+        # (e.g. a chat model's repetition_penalty or top_k): set the neutral value of each so that
+        # decoding depends on these arguments only.
+        kwargs = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                      length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                      do_sample=do_sample, early_stopping=False, repetition_penalty=1.0,
+                      num_return_sequences=1, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                      use_cache=use_cache)
+        if do_sample:
+            kwargs.update(top_p=top_p, temperature=temperature, top_k=0)
+        return kwargs
+
+    @torch.no_grad()
+    def generate(self, z, num_beams=3, max_new_tokens=30, min_new_tokens=0, length_penalty=1.0,
+                 no_repeat_ngram_size=0, do_sample=False, top_p=0.9, temperature=1.0, use_cache=True) -> list[str]:
+        """z [B,L,D] -> B captions. Batched (beam search, greedy when num_beams=1, or sampling)."""
+        prefix = self.prefix_embeds(z)                                  # [B,P,H]
+        if self.max_positions is not None and prefix.shape[1] + max_new_tokens > self.max_positions:
+            raise ValueError(f"prefix ({prefix.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"LM's {self.max_positions} positions; lower max_new_tokens")
+        # Same length for every prefix: no padding, the mask is all ones.
+        attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        was_training = self.training
+        self.eval()  # no dropout while decoding, even when called for samples during training
+        try:
+            with warnings.catch_warnings():
+                # The prompt is embeddings, not tokens, so n-gram blocking sees only the new tokens: as wanted.
+                warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
+                # Decoder-only LMs given inputs_embeds alone return only the new tokens.
+                out = self.lm.generate(inputs_embeds=prefix, attention_mask=attention_mask,
+                                       **self.generation_kwargs(num_beams, max_new_tokens, min_new_tokens,
+                                                                length_penalty, no_repeat_ngram_size, do_sample,
+                                                                top_p, temperature, use_cache))
+        finally:
+            self.train(was_training)
+        return self.decode(out)
+
+    def decode(self, ids):
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict:
+        """Only what trains: the projection, plus LoRA weights or the whole LM when they train."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, sd):
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
+        if missing or unexpected:
+            _die(f"captioner checkpoint does not match this captioner (missing {missing[:3]}, unexpected "
+                 f"{unexpected[:3]}); rebuild it with the config saved with the checkpoint (proj, lora, freeze_lm)")
+        with torch.no_grad():
+            for name, p in params.items():
+                if sd[name].shape != p.shape:
+                    _die(f"captioner checkpoint: {name} has shape {tuple(sd[name].shape)}, the model "
+                         f"{tuple(p.shape)}; rebuild it with the config saved with the checkpoint")
+                p.copy_(sd[name])
+
+
+@torch.no_grad()
+def beam_search_reference(captioner, z, num_beams, max_new_tokens):
+    """Hand-written beam search, one image at a time and without a KV cache (every step re-runs the
+    LM over the whole prefix + beam), as EVCap/ClipCap decode. It exists ONLY as the speed baseline
+    of the decoding benchmark; use EmbToCaption.generate everywhere else.
+
+    It follows transformers' beam search (early_stopping=False, length_penalty=1.0, one EOS id): the
+    2*num_beams best continuations of all beams are ranked; those among the top num_beams that end
+    in EOS (or reach max_new_tokens) become finished hypotheses scored sum(logp) / length, the
+    others continue; the search stops when no running beam can beat the worst of num_beams finished
+    hypotheses, or at max_new_tokens. The best finished hypothesis is returned.
+    """
+    was_training = captioner.training
+    captioner.eval()
+    NEG, length_penalty = -1.0e9, 1.0
+    beams_to_keep = 2 * num_beams
+    captions = []
+    try:
+        for b in range(z.shape[0]):
+            prefix = captioner.prefix_embeds(z[b:b + 1])                     # [1,P,H]
+            running = torch.zeros((num_beams, 0), dtype=torch.long, device=z.device)
+            running_scores = torch.full((num_beams,), NEG, device=z.device)
+            running_scores[0] = 0.0     # only beam 0 is live at first, so the beams do not start identical
+            finished = [running[0]] * num_beams
+            finished_scores = torch.full((num_beams,), NEG, device=z.device)
+            is_finished = torch.zeros(num_beams, dtype=torch.bool, device=z.device)
+            can_improve = True
+            for t in range(max_new_tokens):
+                embeds = torch.cat([prefix.expand(num_beams, -1, -1), captioner.embed_tokens(running)], dim=1)
+                logits = captioner.lm(inputs_embeds=embeds, use_cache=False).logits[:, -1, :].float()
+                log_probs = torch.log_softmax(logits, dim=-1) + running_scores[:, None]   # [nb,V]
+                vocab = log_probs.shape[-1]
+                top_scores, top_idx = torch.topk(log_probs.reshape(-1), k=beams_to_keep)
+                cand = torch.cat([running[top_idx // vocab], (top_idx % vocab)[:, None]], dim=1)  # [K,t+1]
+                ends = (cand[:, -1] == captioner.eos_id) | (t + 1 >= max_new_tokens)
+
+                # Beams that go on: the best num_beams candidates that did not end.
+                keep = torch.topk(top_scores + ends.float() * NEG, k=num_beams).indices
+                running, running_scores = cand[keep], (top_scores + ends.float() * NEG)[keep]
+
+                # Finished hypotheses: only candidates ranked in the top num_beams may finish.
+                rank_ok = torch.arange(beams_to_keep, device=z.device) < num_beams
+                just_finished = ends & rank_ok
+                scores = top_scores / ((t + 1) ** length_penalty)
+                if not can_improve:
+                    scores = scores + NEG
+                scores = scores + (~just_finished).float() * NEG
+                merged_scores = torch.cat([finished_scores, scores])
+                merged_flags = torch.cat([is_finished, just_finished])
+                best = torch.topk(merged_scores, k=num_beams).indices
+                merged = finished + list(cand)
+                finished = [merged[i] for i in best.tolist()]
+                finished_scores, is_finished = merged_scores[best], merged_flags[best]
+
+                # Can the best running beam still beat the worst finished one?
+                best_running = running_scores[0] / ((t + 1) ** length_penalty)
+                worst = torch.where(is_finished, finished_scores.min(), torch.tensor(NEG, device=z.device))
+                can_improve = can_improve and bool((best_running > worst).any())
+                if not can_improve or bool(ends.all()):
+                    break
+            captions.append(finished[0].tolist())
+    finally:
+        captioner.train(was_training)
+    return captioner.decode(captions)

@@ -1,0 +1,40 @@
+"""The assembled auto-encoder: image -E-> z -D-> caption, and z or caption -SD-> image."""
+import torch
+import torch.nn as nn
+
+
+class VLV(nn.Module):
+    """encoder: VisionToTextEmb; sd: FrozenSD; captioner: EmbToCaption.
+
+    prefix_source says what the captioner reads: "cond" = cond(z), the SD text-encoder output
+    (the paper's choice: psi is applied to the text-encoder output), or "z" itself.
+    """
+
+    def __init__(self, encoder, sd, captioner, prefix_source="cond", image_size=384):
+        super().__init__()
+        self.encoder, self.sd, self.captioner = encoder, sd, captioner
+        self.prefix_source, self.image_size = prefix_source, image_size
+
+    def prefix(self, images):
+        """images [B,3,S,S] in [0,1] -> the captioner's input [B,L,D]."""
+        z = self.encoder(images)
+        return self.sd.condition(z) if self.prefix_source == "cond" else z
+
+    def forward(self, images, captions):
+        """The stage-2 loss. A frozen encoder runs without a graph (no activations kept)."""
+        encoder_trains = any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
+            prefix = self.prefix(images)
+        return self.captioner(prefix, captions)
+
+    @torch.no_grad()
+    def caption(self, images, **generate_kwargs):
+        return self.captioner.generate(self.prefix(images), **generate_kwargs)
+
+    @torch.no_grad()
+    def regenerate(self, images=None, captions=None, num_inference_steps=50, guidance_scale=2.0, seed=0):
+        """From captions (caption -> SD text encoder -> SD) or, when captions is None, straight
+        from z (z -> cond -> SD). Returns [B,3,H,W] in [0,1] at the SD resolution."""
+        cond = self.sd.embed_text(captions) if captions is not None else self.sd.condition(self.encoder(images))
+        return self.sd.generate(cond, num_inference_steps=num_inference_steps,
+                                guidance_scale=guidance_scale, seed=seed)

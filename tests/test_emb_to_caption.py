@@ -1,0 +1,182 @@
+"""The stage-2 captioner on tiny LMs built and saved here (a GPT-2 like distilgpt2, a Llama), loaded
+through AutoModelForCausalLM / AutoTokenizer.from_pretrained exactly as a real LM folder."""
+import pytest
+import torch
+
+from conftest import CAPTIONS, save_tiny_gpt2, save_tiny_llama
+from models.emb_to_caption import EmbToCaption, _lora_targets, beam_search_reference
+
+L, D = 4, 16  # prefix length and width of z
+
+
+def train(captioner, z, captions, steps, lr=3e-3):
+    params = [p for p in captioner.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    captioner.train()
+    losses = []
+    for _ in range(steps):
+        loss = captioner(z, captions)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    captioner.eval()
+    return losses
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="module")
+def overfit(gpt2_dir):
+    """A fine-tuned tiny GPT-2 captioner that has learned CAPTIONS from 4 random z."""
+    torch.manual_seed(0)
+    captioner = EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D, proj="mlp", freeze_lm=False)
+    z = torch.randn(len(CAPTIONS), L, D)
+    losses = train(captioner, z, CAPTIONS, steps=120, lr=5e-3)
+    return captioner, z, losses
+
+
+def test_overfits_captions_exactly_and_stops_at_eos(overfit):
+    captioner, z, losses = overfit
+    assert losses[-1] < 0.05, losses[-1]
+    max_new = 32
+    for num_beams in (1, 3):
+        assert captioner.generate(z, num_beams=num_beams, max_new_tokens=max_new) == CAPTIONS
+    # Stopped by the trained EOS, not by the length limit (only new tokens come back).
+    prefix = captioner.prefix_embeds(z)
+    ids = captioner.lm.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
+                                **captioner.generation_kwargs(num_beams=3, max_new_tokens=max_new))
+    longest = max(len(captioner.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in CAPTIONS)
+    assert ids.shape[1] == longest + 1 < max_new
+    assert (ids == captioner.eos_id).any(dim=1).all()
+
+
+def unseen_z(z_train, n, seed):
+    """Mixtures of the training z plus noise: captions of varied lengths, some off the training set."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.softmax(3 * torch.randn(n, len(z_train), generator=g), dim=1)
+    return torch.einsum("nk,kld->nld", w, z_train) + 0.5 * torch.randn(n, L, D, generator=g)
+
+
+def test_batched_equals_one_at_a_time(overfit):
+    captioner, z_train, _ = overfit
+    z = unseen_z(z_train, 6, seed=1)
+    for num_beams in (1, 3):
+        batched = captioner.generate(z, num_beams=num_beams, max_new_tokens=16)
+        single = [captioner.generate(z[i:i + 1], num_beams=num_beams, max_new_tokens=16)[0] for i in range(len(z))]
+        assert batched == single
+        assert len(set(batched)) > 2
+
+
+def test_beam_search_reference_matches_generate(overfit):
+    captioner, z_train, _ = overfit
+    z = torch.cat([z_train[:2], unseen_z(z_train, 4, seed=2)])
+    for num_beams, max_new in ((3, 16), (2, 5), (4, 12)):
+        assert beam_search_reference(captioner, z, num_beams, max_new) == \
+            captioner.generate(z, num_beams=num_beams, max_new_tokens=max_new, use_cache=True)
+
+
+def test_beam_search_reference_matches_generate_half_trained(gpt2_dir):
+    """Half-trained, EOS competes with other tokens, so beams finish at different steps."""
+    torch.manual_seed(0)
+    captioner = EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D, freeze_lm=False)
+    train(captioner, torch.randn(len(CAPTIONS), L, D), CAPTIONS, steps=25, lr=5e-3)
+    z = 2 * torch.randn(6, L, D)
+    for num_beams, max_new in ((3, 12), (5, 9)):
+        expected = captioner.generate(z, num_beams=num_beams, max_new_tokens=max_new)
+        assert beam_search_reference(captioner, z, num_beams, max_new) == expected
+    assert len({len(c.split()) for c in expected}) > 1
+
+
+def test_loss_covers_caption_and_eos_only(gpt2_dir):
+    """A batch's loss is the token-weighted mean of its captions' losses: padding, the prefix and
+    BOS add nothing; each caption counts its tokens + EOS."""
+    torch.manual_seed(0)
+    captioner = EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D, proj="linear").eval()
+    z = torch.randn(2, L, D)
+    caps = [CAPTIONS[0], CAPTIONS[1]]
+    n = [len(captioner.tokenizer(c, add_special_tokens=False)["input_ids"]) + 1 for c in caps]
+    with torch.no_grad():
+        alone = [captioner(z[i:i + 1], [c]).item() for i, c in enumerate(caps)]
+        batch = captioner(z, caps).item()
+    assert n[0] != n[1]
+    assert batch == pytest.approx((n[0] * alone[0] + n[1] * alone[1]) / (n[0] + n[1]), rel=1e-5)
+    assert captioner.bos_id == captioner.eos_id == captioner.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert captioner.tokenizer.pad_token is not None and captioner.tokenizer.padding_side == "right"
+
+
+def test_frozen_lm_gets_no_grad(gpt2_dir):
+    captioner = EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D)  # freeze_lm=True by default
+    captioner(torch.randn(2, L, D), CAPTIONS[:2]).backward()
+    assert all(p.grad is None for p in captioner.lm.parameters())
+    assert all(p.grad is not None for p in captioner.proj.parameters())
+    assert set(captioner.trainable_state_dict()) == {n for n, _ in captioner.proj.named_parameters(prefix="proj")}
+    assert captioner.config == dict(llm=gpt2_dir, prefix_len=L, prefix_dim=D, proj="mlp", freeze_lm=True,
+                                    lora=False, lora_rank=8)
+
+
+def test_lora_trains_only_adapters_and_round_trips(gpt2_dir):
+    torch.manual_seed(0)
+    captioner = EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D, lora=True, lora_rank=4)
+    trainable = [n for n, p in captioner.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("proj.") or "lora_" in n for n in trainable)
+    assert any("lora_" in n for n in trainable)
+    z = torch.randn(len(CAPTIONS), L, D)
+    losses = train(captioner, z, CAPTIONS, steps=10)
+    assert losses[-1] < losses[0]
+
+    sd = captioner.trainable_state_dict()
+    assert set(sd) == set(trainable)
+    fresh = EmbToCaption.from_pretrained(**captioner.config).eval()
+    with torch.no_grad():
+        assert fresh(z, CAPTIONS).item() != pytest.approx(captioner(z, CAPTIONS).item())
+        fresh.load_trainable_state_dict({k: v.clone() for k, v in sd.items()})
+        assert fresh(z, CAPTIONS).item() == pytest.approx(captioner(z, CAPTIONS).item(), rel=1e-6)
+    assert fresh.generate(z, num_beams=3, max_new_tokens=8) == captioner.generate(z, num_beams=3, max_new_tokens=8)
+
+    with pytest.raises(SystemExit, match="does not match"):
+        EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D).load_trainable_state_dict(sd)
+
+
+def test_lora_targets_fall_back_to_attention_layers(gpt2_dir, monkeypatch):
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    assert _lora_targets(lm) == (["c_attn"], True)  # peft's table; GPT-2's Conv1D is fan_in_fan_out
+    monkeypatch.delitem(table, "gpt2")              # as for an architecture peft does not know
+    targets, fan_in_fan_out = _lora_targets(lm)
+    assert fan_in_fan_out and targets == [f"transformer.h.{i}.attn.{m}" for i in range(2) for m in ("c_attn", "c_proj")]
+
+
+def test_llama_loads_trains_and_generates(tmp_path):
+    llama_dir = save_tiny_llama(tmp_path / "tiny_llama")
+    torch.manual_seed(0)
+    captioner = EmbToCaption.from_pretrained(llama_dir, prefix_len=L, prefix_dim=D, lora=True)
+    tok = captioner.tokenizer
+    assert (captioner.bos_id, captioner.eos_id) == (tok.convert_tokens_to_ids("<s>"), tok.convert_tokens_to_ids("</s>"))
+    assert tok.pad_token == "</s>"
+    assert any("q_proj.lora_A" in n for n, p in captioner.named_parameters() if p.requires_grad)
+    z = torch.randn(3, L, D)
+    losses = train(captioner, z, CAPTIONS[:3], steps=15, lr=1e-2)
+    assert losses[-1] < losses[0]
+    batched = captioner.generate(z, num_beams=3, max_new_tokens=6)
+    assert batched == [captioner.generate(z[i:i + 1], num_beams=3, max_new_tokens=6)[0] for i in range(3)]
+    assert all(isinstance(c, str) for c in batched)
+
+
+def test_bad_arguments_give_one_clear_line(tmp_path, gpt2_dir):
+    missing = str(tmp_path / "no_such_lm")
+    with pytest.raises(SystemExit, match="no_such_lm: cannot load a causal LM") as e:
+        EmbToCaption.from_pretrained(missing, prefix_len=L, prefix_dim=D)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="pick one"):
+        EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D, freeze_lm=False, lora=True)
+    with pytest.raises(SystemExit, match="unknown projection"):
+        EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D, proj="conv")
+    captioner = EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D)
+    with pytest.raises(ValueError, match="expected"):
+        captioner.generate(torch.randn(1, L + 1, D))

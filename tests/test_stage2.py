@@ -1,0 +1,155 @@
+"""Stage 2, infer.py and eval_captioning.py through their real `main`, on tiny saved models."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import eval_captioning
+import infer
+import train_stage1
+import train_stage2
+from conftest import save_tiny_gpt2, save_tiny_llama
+from data import toy_world
+
+
+def argv_of(**kwargs):
+    argv = []
+    for k, v in kwargs.items():
+        argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_sd_dir):
+    """A tiny toy world, a stage-1 checkpoint on the tiny SD, and a tiny GPT-2."""
+    root = tmp_path_factory.mktemp("stage2")
+    data = str(root / "data")
+    toy_world.generate(data, num_train=16, num_val=6, seed=0)
+    stage1 = str(root / "stage1")
+    train_stage1.main(argv_of(data_dir=data, sd_model_id=tiny_sd_dir, output_dir=stage1, image_size=16,
+                              backbone="toy", backbone_weights="none", encoder_width=32, encoder_layers=1,
+                              batch_size=4, max_steps=2, validation_steps=0, num_validation_images=1,
+                              num_inference_steps=1, num_workers=0))
+    return dict(root=root, data=data, stage1=os.path.join(stage1, "vision_encoder_2.pt"),
+                gpt2=save_tiny_gpt2(root / "gpt2"))
+
+
+def stage2_argv(world, out, **overrides):
+    kwargs = dict(stage1_ckpt=world["stage1"], data_dir=world["data"], llm=world["gpt2"], output_dir=out,
+                  batch_size=4, lr=1e-3, lr_warmup_steps=1, max_steps=6, checkpointing_steps=3,
+                  validation_steps=0, num_validation_images=2, max_new_tokens=8, num_workers=0,
+                  checkpoints_total_limit=0, log_every=1)
+    kwargs.update(overrides)
+    return argv_of(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def stage2(world):
+    out = str(world["root"] / "stage2")
+    train_stage2.main(stage2_argv(world, out))
+    return out
+
+
+def test_stage2_writes_what_inference_needs(stage2):
+    names = os.listdir(stage2)
+    assert {"captioner_3.pt", "captioner_6.pt", "config.json", "args.json", "tokenizer.json"} <= set(names)
+    config = json.load(open(os.path.join(stage2, "config.json")))
+    assert config["captioner"]["llm"].endswith("gpt2") and config["prefix_source"] == "cond"
+    ckpt = common.load_checkpoint(os.path.join(stage2, "captioner_6.pt"), "stage2")
+    # the LM is frozen by default: only the projection is saved
+    assert ckpt["model"]["captioner"] and all(k.startswith("proj") for k in ckpt["model"]["captioner"])
+    assert "encoder" not in ckpt["model"]
+
+
+def test_stage2_resumed_run_equals_uninterrupted(world, stage2, tmp_path):
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    os.link(os.path.join(stage2, "captioner_3.pt"), os.path.join(resumed, "captioner_3.pt"))
+    assert train_stage2.main(stage2_argv(world, resumed, resume_from="latest")) == 6
+    a = common.load_checkpoint(os.path.join(stage2, "captioner_6.pt"), "stage2")["model"]["captioner"]
+    b = common.load_checkpoint(os.path.join(resumed, "captioner_6.pt"), "stage2")["model"]["captioner"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_stage2_with_tiny_llama_and_lora(world, tmp_path):
+    out = str(tmp_path / "llama")
+    llama = save_tiny_llama(tmp_path / "llama_lm")
+    train_stage2.main(stage2_argv(world, out, llm=llama, max_steps=2, checkpointing_steps=2, lora=True))
+    keys = common.load_checkpoint(os.path.join(out, "captioner_2.pt"), "stage2")["model"]["captioner"]
+    assert any("lora_" in k for k in keys) and any(k.startswith("proj") for k in keys)
+    assert all("lora_" in k or k.startswith("proj") for k in keys)
+
+
+def test_finetune_encoder_saves_its_weights(world, tmp_path):
+    out = str(tmp_path / "ft")
+    train_stage2.main(stage2_argv(world, out, max_steps=2, checkpointing_steps=2, finetune_encoder=True))
+    enc = common.load_checkpoint(os.path.join(out, "captioner_2.pt"), "stage2")["model"]["encoder"]
+    before = common.load_checkpoint(world["stage1"], "stage1")["model"]
+    assert enc.keys() == before.keys()
+    assert any(not torch.equal(enc[k], before[k]) for k in enc)
+
+
+def infer_argv(world, stage2, **kw):
+    return argv_of(stage1_ckpt=world["stage1"], stage2_ckpt=os.path.join(stage2, "captioner_6.pt"),
+                   num_beams=2, max_new_tokens=6, num_inference_steps=2, device="cpu", **kw)
+
+
+@pytest.mark.parametrize("mode,size", [("L", (40, 30)), ("RGBA", (32, 32)), ("RGB", (3, 5)),
+                                       ("RGB", (1500, 900)), ("P", (20, 20))])
+def test_infer_on_odd_images(world, stage2, tmp_path, mode, size, capsys):
+    path = str(tmp_path / "img.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) \
+        .convert(mode).save(path)
+    captions = infer.main(infer_argv(world, stage2, image_path=path))
+    assert len(captions) == 1 and isinstance(captions[0], str)
+    assert capsys.readouterr().out.strip() == captions[0].strip()
+
+
+def test_infer_regenerates_from_caption_and_from_z(world, stage2, tmp_path):
+    img = os.path.join(world["data"], "val2017", sorted(os.listdir(os.path.join(world["data"], "val2017")))[0])
+    regen, recon = str(tmp_path / "regen.png"), str(tmp_path / "recon.png")
+    infer.main(infer_argv(world, stage2, image_path=img, regen_image=True, out_image=regen,
+                          recon_image=True, out_recon=recon))
+    assert Image.open(regen).size == Image.open(recon).size == (16, 16)
+
+
+def test_infer_image_dir_writes_jsonl_and_resumes(world, stage2, tmp_path):
+    out = str(tmp_path / "caps.jsonl")
+    folder = os.path.join(world["data"], "val2017")
+    first = infer.main(infer_argv(world, stage2, image_dir=folder, out_jsonl=out, batch_size=4))
+    lines = [json.loads(x) for x in open(out)]
+    assert len(lines) == len(os.listdir(folder)) == len(first)
+    again = infer.main(infer_argv(world, stage2, image_dir=folder, out_jsonl=out))
+    assert again == first and len(open(out).readlines()) == len(lines)  # nothing captioned twice
+
+
+def test_infer_refuses_a_stage1_checkpoint_it_was_not_trained_on(world, stage2, tmp_path):
+    other = str(tmp_path / "other_stage1")
+    train_stage1.main(argv_of(data_dir=world["data"], sd_model_id=json.load(open(os.path.join(
+        os.path.dirname(world["stage1"]), "args.json")))["sd_model_id"], output_dir=other, image_size=16,
+        backbone="toy", backbone_weights="none", encoder_width=32, encoder_layers=1, batch_size=4,
+        max_steps=1, validation_steps=0, num_validation_images=1, num_inference_steps=1, num_workers=0, seed=1))
+    img = os.path.join(world["data"], "val2017", sorted(os.listdir(os.path.join(world["data"], "val2017")))[0])
+    argv = infer_argv(world, stage2, image_path=img)
+    argv[argv.index("--stage1_ckpt") + 1] = os.path.join(other, "vision_encoder_1.pt")
+    with pytest.raises(SystemExit, match="was trained on the stage-1 weights of .* not on those in"):
+        infer.main(argv)
+    argv[argv.index("--stage2_ckpt") + 1] = world["stage1"]
+    with pytest.raises(SystemExit, match="is a stage1 checkpoint, not a stage2 one"):
+        infer.main(argv)
+
+
+def test_eval_captioning_model_mode_end_to_end(world, stage2, tmp_path):
+    preds = str(tmp_path / "preds.jsonl")
+    scores = eval_captioning.main(argv_of(
+        stage1_ckpt=world["stage1"], stage2_ckpt=os.path.join(stage2, "captioner_6.pt"),
+        data_dir=world["data"], split="val", num_samples=4, batch_size=2, num_beams=2, max_new_tokens=6,
+        metrics="bleu,cider", out_jsonl=preds, device="cpu"))
+    assert len(open(preds).readlines()) == 4
+    assert 0 <= scores["BLEU-4"] <= 1 and scores["CIDEr-D"] >= 0
+    assert scores["attribute_accuracy"]["overall"]["all"]["total"] == 4

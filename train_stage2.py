@@ -1,0 +1,157 @@
+"""Stage 2: train the captioner D that turns the caption embedding z into text.
+
+The stage-1 vision encoder E gives z (frozen unless --finetune_encoder); z (or cond(z), the frozen
+SD text encoder's output, as in the paper) is projected into a causal LM's input embeddings and
+the LM is taught the image's caption (teacher forcing, end token trained). The LM is frozen by
+default; --lora adapts it with peft, --finetune_lm trains it whole.
+
+    python train_stage2.py --preset toy --stage1_ckpt checkpoints/toy/stage1/vision_encoder_600.pt \
+        --output_dir checkpoints/toy/stage2
+    python train_stage2.py --stage1_ckpt checkpoints/stage1/vision_encoder_3000.pt --data_dir data/coco2017 \
+        --llm distilgpt2 --epochs 3 --batch_size 8 --lr 5e-5 --mixed_precision fp16 --output_dir checkpoints/stage2
+"""
+import argparse
+import os
+
+import torch
+from accelerate.utils import set_seed
+
+import common
+from data.coco import CocoImageCaptionDataset, collate_skip_none
+from models.emb_to_caption import EmbToCaption
+from models.frozen_sd21 import FrozenSD
+from models.vision_to_textemb import VisionToTextEmb
+from models.vlv import VLV
+
+CKPT_PREFIX = "captioner"
+CKPT_KIND = "stage2"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", default=None, help="COCO 2017 root (annotations/, train2017/)")
+    g.add_argument("--split", default="train")
+    g.add_argument("--karpathy_json", default=None, help="dataset_coco.json for the Karpathy split")
+    g.add_argument("--subset_ratio", type=float, default=1.0)
+    g.add_argument("--image_size", type=int, default=None, help="default: stage 1's image size")
+    g = p.add_argument_group("model")
+    g.add_argument("--stage1_ckpt", required=True, help="vision_encoder_{step}.pt from train_stage1.py")
+    g.add_argument("--llm", default="distilgpt2", help="any causal LM: hub id or local HF folder")
+    g.add_argument("--proj", default="mlp", choices=["mlp", "linear"], help="projection psi of z")
+    g.add_argument("--prefix_source", default="cond", choices=["cond", "z"],
+                   help="cond: the SD text encoder's output cond(z) (the paper); z: z itself")
+    g.add_argument("--finetune_encoder", action="store_true", help="train the vision encoder too")
+    g.add_argument("--finetune_lm", action="store_true", help="train the whole LM (default: frozen)")
+    g.add_argument("--lora", action="store_true", help="adapt the frozen LM with LoRA (peft)")
+    g.add_argument("--lora_rank", type=int, default=8)
+    g = p.add_argument_group("sample captions")
+    g.add_argument("--validation_steps", type=int, default=1000,
+                   help="print captions of a few images every N steps (0: only at the end)")
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--num_beams", type=int, default=3)
+    g.add_argument("--max_new_tokens", type=int, default=30)
+    common.add_training_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    args = common.parse_with_preset(build_parser(), argv, stage="stage2")
+    if args.data_dir is None:
+        common.die("--data_dir is required: the COCO 2017 root with annotations/ and train2017/")
+    if args.lora and args.finetune_lm:
+        common.die("--lora and --finetune_lm both adapt the LM; pass one of them")
+    return args
+
+
+def load_stage1(path, device, dtype=torch.float32):
+    """The stage-1 encoder and its frozen SD from a vision_encoder_{step}.pt checkpoint.
+    Returns (encoder, sd, stage-1 config, fingerprint of the encoder weights)."""
+    ckpt = common.load_checkpoint(path, "stage1")
+    config = ckpt["config"]
+    encoder = VisionToTextEmb.from_config(config["encoder"])
+    encoder.load_state_dict(ckpt["model"])
+    sd = FrozenSD.from_pretrained(config["sd_model_id"], cond_mode=config["cond_mode"], dtype=dtype)
+    return encoder.to(device), sd.to(device), config, common.fingerprint(ckpt["model"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = common.make_accelerator(args, "vlv_stage2")
+    set_seed(args.seed, device_specific=True)
+    if accelerator.is_main_process:
+        common.save_json(os.path.join(args.output_dir, "args.json"), vars(args))
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    encoder, sd, stage1_config, stage1_fingerprint = load_stage1(args.stage1_ckpt, accelerator.device, weight_dtype)
+    image_size = args.image_size or stage1_config["image_size"]
+    encoder.requires_grad_(args.finetune_encoder)
+    if not args.finetune_encoder:
+        encoder.eval()
+    captioner = EmbToCaption.from_pretrained(
+        args.llm, prefix_len=sd.seq_len, prefix_dim=sd.embed_dim, proj=args.proj,
+        freeze_lm=not args.finetune_lm, lora=args.lora, lora_rank=args.lora_rank)
+    vlv = VLV(encoder, sd, captioner, args.prefix_source, image_size)
+
+    dataset = CocoImageCaptionDataset(args.data_dir, split=args.split, image_size=image_size,
+                                      subset_ratio=args.subset_ratio, karpathy_json=args.karpathy_json,
+                                      seed=args.seed)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+        num_workers=args.num_workers, collate_fn=collate_skip_none,
+        # Its own generator, so starting an epoch draws nothing from the global RNG that the noise
+        # and timesteps come from: a resumed run then draws exactly what an unbroken one draws.
+        generator=torch.Generator().manual_seed(args.seed)))
+    trainable = [p for p in vlv.parameters() if p.requires_grad]
+    optimizer, lr_scheduler, steps_per_epoch, max_steps = common.build_optimization(
+        accelerator, args, trainable, loader)
+    model, optimizer, lr_scheduler = accelerator.prepare(vlv, optimizer, lr_scheduler)
+
+    def model_state():
+        state = {"captioner": captioner.trainable_state_dict()}
+        if args.finetune_encoder:
+            state["encoder"] = encoder.state_dict()
+        return state
+
+    def load_model_state(state):
+        captioner.load_trainable_state_dict(state["captioner"])
+        if "encoder" in state:
+            encoder.load_state_dict(state["encoder"])
+
+    # Everything inference needs to rebuild the model, and which stage-1 weights it was trained on.
+    config = dict(captioner=captioner.config, prefix_source=args.prefix_source, image_size=image_size,
+                  stage1=stage1_config, stage1_ckpt=os.path.abspath(args.stage1_ckpt),
+                  stage1_fingerprint=stage1_fingerprint, finetune_encoder=args.finetune_encoder)
+    if accelerator.is_main_process:
+        common.save_json(os.path.join(args.output_dir, "config.json"), config)
+        captioner.tokenizer.save_pretrained(args.output_dir)
+    trainer = common.Trainer(accelerator, args, model, optimizer, lr_scheduler, loader, steps_per_epoch,
+                             max_steps, CKPT_KIND, CKPT_PREFIX, config, model_state, load_model_state)
+    resume_path = common.resolve_resume(args.resume_from, args.output_dir, CKPT_PREFIX)
+    if resume_path:
+        trainer.resume(resume_path)
+
+    def compute_loss(batch):
+        return model(batch["pixel_values"], batch["caption"])  # through DDP, so gradients sync
+
+    val_items = [dataset[i] for i in range(min(args.num_validation_images, len(dataset)))]
+    val_items = [x for x in val_items if x is not None]
+    val_images = torch.stack([x["pixel_values"] for x in val_items]).to(accelerator.device)
+
+    def validate(step):
+        captions = vlv.caption(val_images, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+        lines = [f"step {step}:"] + [f"  {c!r}  (ref: {x['caption']!r})" for c, x in zip(captions, val_items)]
+        print("\n".join(lines), flush=True)
+
+    trainer.train(compute_loss, validate, args.validation_steps, desc="stage2")
+    skipped = getattr(dataset, "num_skipped", 0)
+    if skipped:
+        print(f"skipped {skipped} unreadable images (process {accelerator.process_index})")
+    trainer.finish(skipped)
+    return trainer.step
+
+
+if __name__ == "__main__":
+    main()
