@@ -48,6 +48,17 @@ def parse_with_preset(parser, argv=None, stage=None):
     return parser.parse_args(argv)
 
 
+def add_data_args(parser, data_help, image_size=None, image_size_help=None):
+    """The data flags the training stages share; returns the group for stage-specific ones."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_dir", default=None, help=data_help)
+    g.add_argument("--split", default="train")
+    g.add_argument("--karpathy_json", default=None, help="dataset_coco.json for the Karpathy split")
+    g.add_argument("--subset_ratio", type=float, default=1.0)
+    g.add_argument("--image_size", type=int, default=image_size, help=image_size_help)
+    return g
+
+
 def add_training_args(parser):
     """Flags every training stage shares: optimisation, accelerate, checkpoints, logging."""
     g = parser.add_argument_group("training")

@@ -26,13 +26,7 @@ CKPT_KIND = "stage1"
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default=None,
-                   help="COCO 2017 root (annotations/, train2017/) or any folder of images")
-    g.add_argument("--split", default="train")
-    g.add_argument("--karpathy_json", default=None, help="dataset_coco.json for the Karpathy split")
-    g.add_argument("--subset_ratio", type=float, default=1.0)
-    g.add_argument("--image_size", type=int, default=384)
+    g = common.add_data_args(p, "COCO 2017 root (annotations/, train2017/) or any folder of images", 384)
     g.add_argument("--cache_latents", action="store_true",
                    help="encode each image with the VAE once and reuse its latent distribution")
     g = p.add_argument_group("model")

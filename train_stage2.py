@@ -30,12 +30,8 @@ CKPT_KIND = "stage2"
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default=None, help="COCO 2017 root (annotations/, train2017/)")
-    g.add_argument("--split", default="train")
-    g.add_argument("--karpathy_json", default=None, help="dataset_coco.json for the Karpathy split")
-    g.add_argument("--subset_ratio", type=float, default=1.0)
-    g.add_argument("--image_size", type=int, default=None, help="default: stage 1's image size")
+    common.add_data_args(p, "COCO 2017 root (annotations/, train2017/)",
+                         image_size_help="default: stage 1's image size")
     g = p.add_argument_group("model")
     g.add_argument("--stage1_ckpt", required=True, help="vision_encoder_{step}.pt from train_stage1.py")
     g.add_argument("--llm", default="distilgpt2", help="any causal LM: hub id or local HF folder")
@@ -43,6 +39,9 @@ def build_parser():
     g.add_argument("--prefix_source", default="cond", choices=["cond", "z"],
                    help="cond: the SD text encoder's output cond(z) (the paper); z: z itself")
     g.add_argument("--finetune_encoder", action="store_true", help="train the vision encoder too")
+    g.add_argument("--reinit_encoder", action="store_true",
+                   help="baseline without stage 1: the same encoder freshly initialised and trained "
+                        "with the captioner (implies --finetune_encoder)")
     g.add_argument("--finetune_lm", action="store_true", help="train the whole LM (default: frozen)")
     g.add_argument("--lora", action="store_true", help="adapt the frozen LM with LoRA (peft)")
     g.add_argument("--lora_rank", type=int, default=8)
@@ -60,6 +59,7 @@ def parse_args(argv=None):
     args = common.parse_with_preset(build_parser(), argv, stage="stage2")
     if args.data_dir is None:
         common.die("--data_dir is required: the COCO 2017 root with annotations/ and train2017/")
+    args.finetune_encoder = args.finetune_encoder or args.reinit_encoder
     if args.lora and args.finetune_lm:
         common.die("--lora and --finetune_lm both adapt the LM; pass one of them")
     return args
@@ -87,6 +87,8 @@ def main(argv=None):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     encoder, sd, stage1_config, stage1_fingerprint = load_stage1(args.stage1_ckpt, accelerator.device, weight_dtype)
     image_size = args.image_size or stage1_config["image_size"]
+    if args.reinit_encoder:  # keep stage 1's shapes and frozen SD, drop what it learned
+        encoder = VisionToTextEmb.from_config(stage1_config["encoder"]).to(accelerator.device)
     encoder.requires_grad_(args.finetune_encoder)
     if not args.finetune_encoder:
         encoder.eval()
@@ -123,7 +125,8 @@ def main(argv=None):
     # Everything inference needs to rebuild the model, and which stage-1 weights it was trained on.
     config = dict(captioner=captioner.config, prefix_source=args.prefix_source, image_size=image_size,
                   stage1=stage1_config, stage1_ckpt=os.path.abspath(args.stage1_ckpt),
-                  stage1_fingerprint=stage1_fingerprint, finetune_encoder=args.finetune_encoder)
+                  stage1_fingerprint=stage1_fingerprint, finetune_encoder=args.finetune_encoder,
+                  reinit_encoder=args.reinit_encoder)
     if accelerator.is_main_process:
         common.save_json(os.path.join(args.output_dir, "config.json"), config)
         captioner.tokenizer.save_pretrained(args.output_dir)

@@ -153,3 +153,17 @@ def test_eval_captioning_model_mode_end_to_end(world, stage2, tmp_path):
     assert len(open(preds).readlines()) == 4
     assert 0 <= scores["BLEU-4"] <= 1 and scores["CIDEr-D"] >= 0
     assert scores["attribute_accuracy"]["overall"]["all"]["total"] == 4
+
+
+def test_baseline_without_stage1_trains_a_fresh_encoder(world, tmp_path):
+    out = str(tmp_path / "baseline")
+    train_stage2.main(stage2_argv(world, out, max_steps=2, checkpointing_steps=2, reinit_encoder=True))
+    ckpt = common.load_checkpoint(os.path.join(out, "captioner_2.pt"), "stage2")
+    stage1 = common.load_checkpoint(world["stage1"], "stage1")["model"]
+    assert ckpt["config"]["reinit_encoder"] and ckpt["model"]["encoder"].keys() == stage1.keys()
+    # far from the stage-1 weights: it started from a fresh initialisation, not from them
+    assert sum((ckpt["model"]["encoder"][k] - stage1[k]).abs().sum() for k in stage1) > 1.0
+    img = os.path.join(world["data"], "val2017", sorted(os.listdir(os.path.join(world["data"], "val2017")))[0])
+    argv = argv_of(stage1_ckpt=world["stage1"], stage2_ckpt=os.path.join(out, "captioner_2.pt"),
+                   image_path=img, num_beams=1, max_new_tokens=4, device="cpu")
+    assert len(infer.main(argv)) == 1

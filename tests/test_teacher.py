@@ -1,0 +1,112 @@
+"""The toy teacher trains end to end on a tiny budget and saves a folder every SD loader reads.
+(Whether it draws well is a benchmark, not a test.)"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import train_teacher
+from data import toy_world
+
+TINY = ["--vae_steps", "3", "--vae_batch_size", "4", "--vae_channels", "8,16",
+        "--max_steps", "3", "--batch_size", "4", "--lr_warmup_steps", "1",
+        "--unet_channels", "16,32", "--unet_attn", "1,1", "--text_width", "32", "--text_layers", "1",
+        "--num_samples_eval", "4", "--num_inference_steps", "2", "--num_grid", "4", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teacher")
+    data = str(root / "data")
+    toy_world.generate(data, num_train=24, num_val=6, seed=0)
+    out = str(root / "teacher")
+    metrics = train_teacher.main(["--data_dir", data, "--output_dir", out, "--seed", "1", *TINY])
+    return root, data, out, metrics
+
+
+def test_folder_loads_as_stable_diffusion(teacher):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    root, _, out, _ = teacher
+    for part in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
+        assert os.path.isdir(os.path.join(out, part)), part
+    assert os.path.isfile(os.path.join(out, "model_index.json"))
+    assert not [p for p in os.listdir(root) if ".tmp-" in p or ".old-" in p]  # swapped in whole
+
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert pipe.safety_checker is None
+    vae = AutoencoderKL.from_pretrained(out, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(out, subfolder="text_encoder")
+    scheduler = DDPMScheduler.from_pretrained(out, subfolder="scheduler")
+    # 32 px images, one VAE downsampling: 16x16 latents; scaling_factor measured, not SD's
+    assert unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == 32
+    assert vae.config.scaling_factor != 0.18215 and 0 < vae.config.scaling_factor < 1e3
+    assert unet.config.cross_attention_dim == text_encoder.config.hidden_size == 32
+    assert text_encoder.config.max_position_embeddings == 16
+    assert scheduler.config.prediction_type == "epsilon"
+    assert scheduler.config.num_train_timesteps == 1000
+
+    tokenizer = AutoTokenizer.from_pretrained(out, subfolder="tokenizer")
+    assert tokenizer.model_max_length == 16
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(text_encoder.config, key) == getattr(tokenizer, key), key
+    caption = "picture of a large yellow triangle to the right of a small white square"
+    ids = tokenizer(caption).input_ids
+    assert len(ids) <= 16
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == caption
+    padded = tokenizer([caption, ""], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    assert padded.shape == (2, 16)
+    assert padded[1, :2].tolist() == [tokenizer.bos_token_id, tokenizer.eos_token_id]
+
+    # the diffusers pipeline itself draws 32x32 images from a caption
+    image = pipe(caption, num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_frozen_sd_wrapper_loads_it(teacher):
+    from models.frozen_sd21 import FrozenSD
+
+    sd = FrozenSD.from_pretrained(teacher[2])
+    assert (sd.seq_len, sd.embed_dim) == (16, 32)
+    cond = sd.embed_text(["a small red circle on the left"])
+    assert cond.shape == (1, 16, 32)
+    images = sd.generate(cond, num_inference_steps=2, guidance_scale=3.0)
+    assert images.shape == (1, 3, 32, 32)
+
+
+def test_metrics_and_grid_written(teacher):
+    _, _, out, metrics = teacher
+    with open(os.path.join(out, "metrics.json")) as f:
+        saved = json.load(f)
+    assert saved["samples"] == metrics["samples"]
+    assert saved["samples"]["overall"]["n"] == 4
+    for group in saved["samples"].values():
+        assert 0.0 <= group["all"] <= 1.0
+    assert "vae_reconstruction" in saved and saved["timings"]["total_s"] > 0
+    assert os.path.getsize(os.path.join(out, "samples.png")) > 0
+
+
+def test_rerun_replaces_the_folder_and_v_prediction(teacher, tmp_path):
+    _, data, first, _ = teacher
+    out = str(tmp_path / "teacher")
+    shutil.copytree(first, out)
+    # an existing teacher is replaced whole by a new run
+    train_teacher.main(["--data_dir", data, "--output_dir", out, "--seed", "2", "--prediction_type",
+                        "v_prediction", *TINY, "--max_steps", "1", "--vae_steps", "1"])
+    with open(os.path.join(out, "scheduler", "scheduler_config.json")) as f:
+        assert json.load(f)["prediction_type"] == "v_prediction"
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["args"]["seed"] == 2
+
+
+def test_missing_data_is_one_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train_teacher.main(["--data_dir", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "t")])
+    assert "data.toy_world" in str(e.value) and "\n" not in str(e.value)
