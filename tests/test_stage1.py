@@ -164,3 +164,11 @@ def test_two_processes_train_in_sync(images_dir, tiny_sd_dir, tmp_path):
     assert summary["num_processes"] == 2
     assert len(set(summary["param_checksums"])) == 1  # DDP kept the two copies equal
     assert os.listdir(out).count("vision_encoder_2.pt") == 1
+
+
+def test_tensorboard_logging(images_dir, tiny_sd_dir, tmp_path):
+    out = str(tmp_path / "tb")
+    train_stage1.main(base_args(images_dir, tiny_sd_dir, out, max_steps=2, checkpointing_steps=2)
+                      + ["--report_to", "tensorboard"])
+    events = [f for _, _, files in os.walk(os.path.join(out, "logs")) for f in files if "tfevents" in f]
+    assert events
