@@ -54,6 +54,9 @@ def parse_args(argv=None):
     g.add_argument("--vae_lr", type=float, default=2e-3)
     g.add_argument("--vae_channels", default="16,32", help="block widths; n blocks = n-1 downsamplings")
     g.add_argument("--latent_channels", type=int, default=4)
+    g.add_argument("--colour_anchor", type=float, default=1.0,
+                   help="weight of a loss tying the first 3 latent channels to the 2x2-average RGB, so "
+                        "colour is a linear feature of the latents (0 disables)")
     g.add_argument("--kl_weight", type=float, default=0.0,
                    help="KL weight; 0 (a plain autoencoder) keeps reconstructions sharp in a brief run")
     g = p.add_argument_group("UNet + text encoder (phase 2)")
@@ -64,6 +67,8 @@ def parse_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--ema_decay", type=float, default=0.999, help="0 disables EMA of the weights")
+    g.add_argument("--snr_gamma", type=float, default=0.0,
+                   help="Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0 = plain MSE")
     g.add_argument("--caption_dropout", type=float, default=0.1,
                    help="fraction of empty captions, so classifier-free guidance works")
     g.add_argument("--unet_channels", default="32,64,128")
@@ -224,6 +229,11 @@ def train_vae(args, vae, train_pixels, gen):
         recon = vae.decode(z).sample
         rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
         loss = rec + args.kl_weight * posterior.kl().mean()
+        if args.colour_anchor > 0:
+            # the diffusion model then sees colour the way a pixel-space model does (a plain, local
+            # value), which is what a probe on an unanchored latent failed to learn
+            pooled = F.adaptive_avg_pool2d(x, posterior.mean.shape[-2:])             # [B,3,h,w]
+            loss = loss + args.colour_anchor * F.mse_loss(posterior.mean[:, :3], pooled)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
@@ -379,6 +389,7 @@ def main(argv=None):
     text_encoder = build_text_encoder(args, tokenizer)
     scheduler = build_scheduler(args)
     from models.frozen_sd21 import diffusion_target
+    alphas_cumprod = scheduler.alphas_cumprod                                    # [T]
     params = list(unet.parameters()) + list(text_encoder.parameters())
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
@@ -401,7 +412,13 @@ def main(argv=None):
         noisy = scheduler.add_noise(latents, noise, t)
         cond = text_encoder(ids).last_hidden_state                              # [B,L,D]
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, diffusion_target(scheduler, latents, noise, t))
+        err = (pred - diffusion_target(scheduler, latents, noise, t)).pow(2).mean(dim=(1, 2, 3))  # [B]
+        if args.snr_gamma > 0:
+            # Min-SNR: cap the weight of nearly clean timesteps, which otherwise dominate the gradient
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            weight = snr.clamp(max=args.snr_gamma) / (snr + 1 if args.prediction_type == "v_prediction" else snr)
+            err = err * weight
+        loss = err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -445,6 +462,7 @@ def main(argv=None):
     sample_grid([images[i] for i in order], [captions[i] for i in order], [correct[i] for i in order],
                 os.path.join(tmp_dir, "samples.png"))
     timings["total_s"] = time.time() - t_start
+    timings["cpu_s"] = time.process_time()  # this process's CPU time: comparable across loaded machines
     metrics = {
         "samples": sample_groups,
         "vae_reconstruction": vae_groups,

@@ -19,7 +19,7 @@ _BG = np.array(BACKGROUND, np.float32)
 
 FOREGROUND_DIST = 60.0   # RGB distance from the background that counts as foreground
 MIN_AREA = 8.0           # components smaller than this (in pixels of coverage) are noise
-LARGE_SIDE = 9.75        # bbox side (px) between small (6.5-8.5) and large (11-13)
+LARGE_SIDE = 10.75       # bbox side (px) between small (7.5-9.5) and large (12-13.5)
 CENTER_BOX = 4.0         # |centroid - centre| below this on both axes -> "center"
 SQUARE_FILL, TRIANGLE_FILL = 0.89, 0.70   # fill-ratio cuts: square ~1, circle ~0.79, triangle ~0.5-0.66
 

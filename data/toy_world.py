@@ -38,7 +38,7 @@ HELDOUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"), ("purp
 
 IMAGE_SIZE = 32
 SCALE = 4  # drawn at 128 px and box-downsampled: exact area anti-aliasing
-EXTENT = {"small": (6.5, 8.5), "large": (11.0, 13.0)}  # bounding-box side in 32-px units
+EXTENT = {"small": (7.5, 9.5), "large": (12.0, 13.5)}  # bounding-box side in 32-px units
 TWO_OBJECT_FRACTION = 0.3
 HELDOUT_VAL_FRACTION = 0.3
 VAL_ID_OFFSET = 1_000_000  # val ids do not depend on num_train
