@@ -54,9 +54,6 @@ def parse_args(argv=None):
     g.add_argument("--vae_lr", type=float, default=2e-3)
     g.add_argument("--vae_channels", default="16,32", help="block widths; n blocks = n-1 downsamplings")
     g.add_argument("--latent_channels", type=int, default=4)
-    g.add_argument("--colour_anchor", type=float, default=1.0,
-                   help="weight of a loss tying the first 3 latent channels to the 2x2-average RGB, so "
-                        "colour is a linear feature of the latents (0 disables)")
     g.add_argument("--kl_weight", type=float, default=0.0,
                    help="KL weight; 0 (a plain autoencoder) keeps reconstructions sharp in a brief run")
     g = p.add_argument_group("UNet + text encoder (phase 2)")
@@ -67,8 +64,6 @@ def parse_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--ema_decay", type=float, default=0.999, help="0 disables EMA of the weights")
-    g.add_argument("--snr_gamma", type=float, default=0.0,
-                   help="Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0 = plain MSE")
     g.add_argument("--caption_dropout", type=float, default=0.1,
                    help="fraction of empty captions, so classifier-free guidance works")
     g.add_argument("--unet_channels", default="32,64,128")
@@ -76,12 +71,18 @@ def parse_args(argv=None):
                    help="per level: 1 = cross-attention block, 0 = plain ResNet block")
     g.add_argument("--unet_layers_per_block", type=int, default=1)
     g.add_argument("--attention_head_dim", type=int, default=8)
+    g.add_argument("--text_time_embedding", type=int, default=1,
+                   help="1: an attention-pooled caption embedding also modulates every ResNet block "
+                        "(diffusers addition_embed_type='text', FiLM scale-shift), besides cross-attention")
     g.add_argument("--text_width", type=int, default=64, help="D, the cross-attention width")
     g.add_argument("--text_layers", type=int, default=2)
     g.add_argument("--max_length", type=int, default=16, help="L, tokens including BOS/EOS")
-    g.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction"])
-    g.add_argument("--beta_schedule", default="linear",
+    g.add_argument("--prediction_type", default="v_prediction", choices=["epsilon", "v_prediction"])
+    g.add_argument("--beta_schedule", default="scaled_linear",
                    choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
+    g.add_argument("--zero_terminal_snr", type=int, default=1,
+                   help="1: rescale the betas so t=T is pure noise (Lin et al. 2024), as sampling starts "
+                        "from pure noise; needs v_prediction (ignored with epsilon)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--num_samples_eval", type=int, default=200, help="val captions sampled and judged")
     g.add_argument("--guidance_scale", type=float, default=4.0)
@@ -178,7 +179,12 @@ def build_unet(args, latent_channels, latent_size):
         block_out_channels=ch, down_block_types=down, up_block_types=up,
         layers_per_block=args.unet_layers_per_block, norm_num_groups=min(32, ch[0]),
         cross_attention_dim=args.text_width, attention_head_dim=args.attention_head_dim,
-        use_linear_projection=True)
+        use_linear_projection=True,
+        # Global conditioning reaches every block from the start (as in DeepFloyd IF); cross-
+        # attention alone learned place but not colour or shape within a CPU budget. It reads
+        # only encoder_hidden_states, so every SD code path drives it unchanged.
+        **(dict(addition_embed_type="text", addition_embed_type_num_heads=4,
+                resnet_time_scale_shift="scale_shift") if args.text_time_embedding else {}))
 
 
 def build_text_encoder(args, tokenizer):
@@ -193,14 +199,17 @@ def build_text_encoder(args, tokenizer):
 
 def build_scheduler(args):
     from diffusers import DDPMScheduler
-    # "linear" (DDPM's 1e-4..0.02) ends near zero SNR: at t=T the training input holds almost no
-    # trace of the image, as at sampling time (SD's scaled_linear leaves ~7% of the signal).
-    # "trailing" spacing starts DDIM at t=999 rather than 951.
+    # SD's scaled_linear betas; with zero terminal SNR the last step holds no trace of the image,
+    # as at sampling time: otherwise the model learns to read the layout from the ~7% of signal
+    # left at t=T and places objects at random from pure noise. Epsilon cannot predict at zero
+    # SNR (x0 = (x - sqrt(1-a) eps) / sqrt(a) with a = 0), hence v-prediction.
+    # "trailing" spacing makes DDIM start at t=999 rather than 951.
+    linear = args.beta_schedule == "linear"
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule=args.beta_schedule,
-                         beta_start=0.0001 if args.beta_schedule == "linear" else 0.00085,
-                         beta_end=0.02 if args.beta_schedule == "linear" else 0.012,
-                         prediction_type=args.prediction_type, clip_sample=False,
-                         steps_offset=1, timestep_spacing="trailing")
+                         beta_start=0.0001 if linear else 0.00085, beta_end=0.02 if linear else 0.012,
+                         prediction_type=args.prediction_type, clip_sample=False, steps_offset=1,
+                         timestep_spacing="trailing",
+                         rescale_betas_zero_snr=bool(args.zero_terminal_snr) and args.prediction_type == "v_prediction")
 
 
 def lr_lambda(warmup, total):
@@ -229,11 +238,6 @@ def train_vae(args, vae, train_pixels, gen):
         recon = vae.decode(z).sample
         rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
         loss = rec + args.kl_weight * posterior.kl().mean()
-        if args.colour_anchor > 0:
-            # the diffusion model then sees colour the way a pixel-space model does (a plain, local
-            # value), which is what a probe on an unanchored latent failed to learn
-            pooled = F.adaptive_avg_pool2d(x, posterior.mean.shape[-2:])             # [B,3,h,w]
-            loss = loss + args.colour_anchor * F.mse_loss(posterior.mean[:, :3], pooled)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), args.max_grad_norm)
@@ -389,7 +393,6 @@ def main(argv=None):
     text_encoder = build_text_encoder(args, tokenizer)
     scheduler = build_scheduler(args)
     from models.frozen_sd21 import diffusion_target
-    alphas_cumprod = scheduler.alphas_cumprod                                    # [T]
     params = list(unet.parameters()) + list(text_encoder.parameters())
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
@@ -412,13 +415,7 @@ def main(argv=None):
         noisy = scheduler.add_noise(latents, noise, t)
         cond = text_encoder(ids).last_hidden_state                              # [B,L,D]
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        err = (pred - diffusion_target(scheduler, latents, noise, t)).pow(2).mean(dim=(1, 2, 3))  # [B]
-        if args.snr_gamma > 0:
-            # Min-SNR: cap the weight of nearly clean timesteps, which otherwise dominate the gradient
-            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-            weight = snr.clamp(max=args.snr_gamma) / (snr + 1 if args.prediction_type == "v_prediction" else snr)
-            err = err * weight
-        loss = err.mean()
+        loss = F.mse_loss(pred, diffusion_target(scheduler, latents, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

@@ -47,8 +47,9 @@ def test_folder_loads_as_stable_diffusion(teacher):
     assert vae.config.scaling_factor != 0.18215 and 0 < vae.config.scaling_factor < 1e3
     assert unet.config.cross_attention_dim == text_encoder.config.hidden_size == 32
     assert text_encoder.config.max_position_embeddings == 16
-    assert scheduler.config.prediction_type == "epsilon"
+    assert scheduler.config.prediction_type == "v_prediction"
     assert scheduler.config.num_train_timesteps == 1000
+    assert scheduler.config.rescale_betas_zero_snr  # t=T is pure noise, as sampling assumes
 
     tokenizer = AutoTokenizer.from_pretrained(out, subfolder="tokenizer")
     assert tokenizer.model_max_length == 16
@@ -93,15 +94,17 @@ def test_metrics_and_grid_written(teacher):
     assert os.path.getsize(os.path.join(out, "samples.png")) > 0
 
 
-def test_rerun_replaces_the_folder_and_v_prediction(teacher, tmp_path):
+def test_rerun_replaces_the_folder_and_epsilon(teacher, tmp_path):
     _, data, first, _ = teacher
     out = str(tmp_path / "teacher")
     shutil.copytree(first, out)
     # an existing teacher is replaced whole by a new run
     train_teacher.main(["--data_dir", data, "--output_dir", out, "--seed", "2", "--prediction_type",
-                        "v_prediction", *TINY, "--max_steps", "1", "--vae_steps", "1"])
+                        "epsilon", *TINY, "--max_steps", "1", "--vae_steps", "1"])
     with open(os.path.join(out, "scheduler", "scheduler_config.json")) as f:
-        assert json.load(f)["prediction_type"] == "v_prediction"
+        config = json.load(f)
+    # epsilon cannot be predicted at zero SNR, so SD's schedule is kept as it is
+    assert config["prediction_type"] == "epsilon" and not config["rescale_betas_zero_snr"]
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["args"]["seed"] == 2
 
