@@ -85,7 +85,17 @@ def add_training_args(parser):
     g.add_argument("--resume_from", default=None, help="'latest' or a checkpoint path")
     g.add_argument("--report_to", default="none", choices=["none", "wandb", "tensorboard"])
     g.add_argument("--log_every", type=int, default=10)
+    g.add_argument("--validation_steps", type=int, default=1000,
+                   help="every N steps (and at the end; 0: only at the end) show the stage's samples: "
+                        "original | reconstruction grids (stage 1), captions (stage 2)")
+    g.add_argument("--num_validation_images", type=int, default=4)
     return g
+
+
+def validation_items(dataset, n):
+    """The first n items of a dataset that are readable: the fixed images a run shows samples of."""
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    return [x for x in items if x is not None]
 
 
 def make_accelerator(args, project_name):

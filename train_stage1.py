@@ -40,9 +40,6 @@ def build_parser():
     g.add_argument("--encoder_width", type=int, default=None, help="query width (default: D)")
     g.add_argument("--encoder_layers", type=int, default=2)
     g = p.add_argument_group("reconstructions")
-    g.add_argument("--validation_steps", type=int, default=1000,
-                   help="save original | reconstruction grids every N steps (0: only at the end)")
-    g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--num_inference_steps", type=int, default=50)
     g.add_argument("--guidance_scale", type=float, default=2.0)
     common.add_training_args(p)
@@ -138,8 +135,8 @@ def main(argv=None):
             latents = sd.encode_images(images)
         return sd.loss(latents, encoder(images))
 
-    val_items = [dataset[i] for i in range(min(args.num_validation_images, len(dataset)))]
-    val_images = torch.stack([x["pixel_values"] for x in val_items if x is not None]).to(accelerator.device)
+    val_items = common.validation_items(dataset, args.num_validation_images)
+    val_images = torch.stack([x["pixel_values"] for x in val_items]).to(accelerator.device)
 
     def validate(step):
         save_reconstructions(os.path.join(args.output_dir, f"reconstructions_{step}.png"),

@@ -46,9 +46,6 @@ def build_parser():
     g.add_argument("--lora", action="store_true", help="adapt the frozen LM with LoRA (peft)")
     g.add_argument("--lora_rank", type=int, default=8)
     g = p.add_argument_group("sample captions")
-    g.add_argument("--validation_steps", type=int, default=1000,
-                   help="print captions of a few images every N steps (0: only at the end)")
-    g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--num_beams", type=int, default=3)
     g.add_argument("--max_new_tokens", type=int, default=30)
     common.add_training_args(p)
@@ -139,8 +136,7 @@ def main(argv=None):
     def compute_loss(batch):
         return model(batch["pixel_values"], batch["caption"])  # through DDP, so gradients sync
 
-    val_items = [dataset[i] for i in range(min(args.num_validation_images, len(dataset)))]
-    val_items = [x for x in val_items if x is not None]
+    val_items = common.validation_items(dataset, args.num_validation_images)
     val_images = torch.stack([x["pixel_values"] for x in val_items]).to(accelerator.device)
 
     def validate(step):
