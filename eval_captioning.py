@@ -524,10 +524,7 @@ def preds_file_inputs(args):
 
 def model_inputs(args):
     """Model mode: caption the split with a trained VLV -> (preds, refs, images_info, loaders, vlv)."""
-    try:
-        from infer import load_vlv
-    except ImportError as e:
-        common.die(f"model mode needs infer.py and its models ({e}); or score a file with --preds_json")
+    from models.vlv import load_vlv  # here, so scoring a file needs no torch models
     from data.coco import CocoImageCaptionDataset, UnreadableImage, image_transform, load_rgb
 
     vlv = load_vlv(args.stage1_ckpt, args.stage2_ckpt, args.device)

@@ -14,25 +14,7 @@ import torch
 import common
 from data.coco import IMAGE_EXTENSIONS, UnreadableImage, image_transform, list_images, load_rgb
 from eval_captioning import run_predictions
-from models.emb_to_caption import EmbToCaption
-from models.vlv import VLV
-from train_stage2 import load_stage1
-
-def load_vlv(stage1_ckpt, stage2_ckpt, device="cpu"):
-    """The auto-encoder from its two checkpoints; refuses a pair that was not trained together."""
-    ckpt = common.load_checkpoint(stage2_ckpt, "stage2")
-    config = ckpt["config"]
-    encoder, sd, _, fingerprint = load_stage1(stage1_ckpt, device)
-    if "encoder" in ckpt["model"]:  # stage 2 fine-tuned the encoder: its weights win
-        encoder.load_state_dict(ckpt["model"]["encoder"])
-    elif fingerprint != config["stage1_fingerprint"]:
-        common.die(f"{stage2_ckpt} was trained on the stage-1 weights of {config['stage1_ckpt']}, "
-                   f"not on those in {stage1_ckpt}; pass the stage-1 checkpoint it was trained with")
-    captioner = EmbToCaption.from_pretrained(**config["captioner"])
-    captioner.load_trainable_state_dict(ckpt["model"]["captioner"])
-    vlv = VLV(encoder, sd, captioner, config["prefix_source"], config["image_size"])
-    return vlv.to(device).eval()
-
+from models.vlv import load_vlv
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],

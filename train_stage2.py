@@ -19,9 +19,8 @@ from accelerate.utils import set_seed
 import common
 from data.coco import CocoImageCaptionDataset, collate_skip_none
 from models.emb_to_caption import EmbToCaption
-from models.frozen_sd21 import FrozenSD
 from models.vision_to_textemb import VisionToTextEmb
-from models.vlv import VLV
+from models.vlv import VLV, load_stage1
 
 CKPT_PREFIX = "captioner"
 CKPT_KIND = "stage2"
@@ -60,17 +59,6 @@ def parse_args(argv=None):
     if args.lora and args.finetune_lm:
         common.die("--lora and --finetune_lm both adapt the LM; pass one of them")
     return args
-
-
-def load_stage1(path, device, dtype=torch.float32):
-    """The stage-1 encoder and its frozen SD from a vision_encoder_{step}.pt checkpoint.
-    Returns (encoder, sd, stage-1 config, fingerprint of the encoder weights)."""
-    ckpt = common.load_checkpoint(path, "stage1")
-    config = ckpt["config"]
-    encoder = VisionToTextEmb.from_config(config["encoder"])
-    encoder.load_state_dict(ckpt["model"])
-    sd = FrozenSD.from_pretrained(config["sd_model_id"], cond_mode=config["cond_mode"], dtype=dtype)
-    return encoder.to(device), sd.to(device), config, common.fingerprint(ckpt["model"])
 
 
 def main(argv=None):

@@ -83,6 +83,8 @@ def parse_args(argv=None):
     g.add_argument("--zero_terminal_snr", type=int, default=1,
                    help="1: rescale the betas so t=T is pure noise (Lin et al. 2024), as sampling starts "
                         "from pure noise; needs v_prediction (ignored with epsilon)")
+    g.add_argument("--snr_gamma", type=float, default=0.0,
+                   help="Min-SNR-gamma loss weighting (Hang et al. 2023, gamma=5 there); 0 = uniform")
     g = p.add_argument_group("evaluation")
     g.add_argument("--num_samples_eval", type=int, default=200, help="val captions sampled and judged")
     g.add_argument("--guidance_scale", type=float, default=4.0)
@@ -402,6 +404,7 @@ def main(argv=None):
     ema = [p.detach().clone() for p in params] if args.ema_decay > 0 else None
     unet.train()
     text_encoder.train()
+    alphas_cumprod = scheduler.alphas_cumprod
     t0, running = time.time(), []
     for step in range(args.max_steps):
         idx = torch.randint(0, len(mean), (args.batch_size,), generator=gen)
@@ -415,7 +418,14 @@ def main(argv=None):
         noisy = scheduler.add_noise(latents, noise, t)
         cond = text_encoder(ids).last_hidden_state                              # [B,L,D]
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, diffusion_target(scheduler, latents, noise, t))
+        loss = F.mse_loss(pred, diffusion_target(scheduler, latents, noise, t), reduction="none").mean((1, 2, 3))
+        if args.snr_gamma > 0:
+            # Min-SNR: cap the weight of the easy low-noise steps, which otherwise dominate the
+            # gradient; for v-prediction the v-loss already carries a factor snr + 1.
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t]).clamp(min=1e-8)
+            v = args.prediction_type == "v_prediction"
+            loss = loss * snr.clamp(max=args.snr_gamma) / (snr + 1 if v else snr)
+        loss = loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.coco import CocoImagesOnlyDataset  # noqa: E402
-from infer import load_vlv  # noqa: E402
+from models.vlv import load_vlv  # noqa: E402
 from models.emb_to_caption import beam_search_reference  # noqa: E402
 
 

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.coco import CocoImageCaptionDataset  # noqa: E402
 from data.judge import judge_accuracy  # noqa: E402
-from train_stage2 import load_stage1  # noqa: E402
+from models.vlv import load_stage1  # noqa: E402
 
 
 def to_uint8(images):

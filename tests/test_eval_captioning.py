@@ -326,7 +326,7 @@ def test_attribute_accuracy_counts_seen_and_heldout_apart():
 
 
 class FakeVLV:
-    """Stands in for infer.load_vlv's model: names every image a small red circle on the left."""
+    """Stands in for load_vlv's model: names every image a small red circle on the left."""
     image_size = 32
 
     def __init__(self):
@@ -346,13 +346,11 @@ class FakeVLV:
 def test_model_mode_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     toy_world = pytest.importorskip("data.toy_world")
     pytest.importorskip("data.coco")
-    import types
+    import models.vlv
     data_dir = str(tmp_path / "toy")
     toy_world.generate(data_dir, num_train=2, num_val=10, seed=0)
     vlv = FakeVLV()
-    fake_infer = types.ModuleType("infer")
-    fake_infer.load_vlv = lambda stage1, stage2, device: vlv
-    monkeypatch.setitem(sys.modules, "infer", fake_infer)
+    monkeypatch.setattr(models.vlv, "load_vlv", lambda stage1, stage2, device: vlv)
     out_jsonl = str(tmp_path / "preds.jsonl")
     argv = ["--stage1_ckpt", "s1.pt", "--stage2_ckpt", "s2.pt", "--data_dir", data_dir, "--split", "val",
             "--num_samples", "7", "--batch_size", "3", "--num_beams", "2", "--out_jsonl", out_jsonl,
