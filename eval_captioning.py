@@ -360,6 +360,7 @@ def run_predictions(caption_fn, dataset_items, out_jsonl, batch_size):
     tensors) -> list[str]. Each batch is appended and fsync'ed as soon as it is made.
     """
     from tqdm.auto import tqdm
+    os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
     done = {}
     if os.path.exists(out_jsonl):
         _repair_tail(out_jsonl)

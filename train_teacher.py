@@ -5,12 +5,15 @@ The toy stand-in for SD 2.1: a tiny latent diffusion model trained from scratch 
 
     StableDiffusionPipeline.from_pretrained(output_dir)      vae/ unet/ text_encoder/ tokenizer/ scheduler/
 
-Two phases on one CPU:
-  1. VAE (AutoencoderKL, one downsampling: 32x32x3 -> 16x16x4), trained briefly, then frozen.
+Three phases on one CPU:
+  1. VAE (AutoencoderKL, two downsamplings: 32x32x3 -> 8x8x8), trained briefly, then frozen.
      Its reconstructions are judged first: if they lose colour, no UNet can draw it.
      scaling_factor = 1 / std(latents), saved in the VAE config as SD does.
-  2. UNet2DConditionModel + CLIPTextModel (word-level tokenizer, L=16 with BOS/EOS) trained jointly
-     on the noise-prediction loss, ~10% empty captions for classifier-free guidance.
+  2. CLIPTextModel (word-level tokenizer, L=16 with BOS/EOS) pre-trained contrastively against the
+     images' latents, as SD's text encoder is a CLIP trained before SD: a text encoder learned from
+     scratch inside the diffusion loss was the bottleneck (samples ignored half the caption).
+  3. UNet2DConditionModel on the noise-prediction loss (v-prediction, zero terminal SNR), text
+     encoder frozen as in SD, ~10% empty captions for classifier-free guidance.
 At the end the saved folder is reloaded, samples are drawn for val captions (DDIM, guidance against
 the empty caption) and the pixel judge scores them: metrics.json, samples.png.
 
@@ -49,15 +52,23 @@ def parse_args(argv=None):
     g.add_argument("--vae_from", default=None,
                    help="reuse the VAE of an earlier teacher folder (skips phase 1; its scaling_factor is "
                         "measured again on this data)")
-    g.add_argument("--vae_steps", type=int, default=600)
+    g.add_argument("--vae_steps", type=int, default=800)
     g.add_argument("--vae_batch_size", type=int, default=32)
-    g.add_argument("--vae_lr", type=float, default=2e-3)
-    g.add_argument("--vae_channels", default="16,32", help="block widths; n blocks = n-1 downsamplings")
-    g.add_argument("--latent_channels", type=int, default=4)
+    g.add_argument("--vae_lr", type=float, default=3e-3)
+    g.add_argument("--vae_channels", default="16,32,64", help="block widths; n blocks = n-1 downsamplings")
+    g.add_argument("--latent_channels", type=int, default=8)
     g.add_argument("--kl_weight", type=float, default=0.0,
                    help="KL weight; 0 (a plain autoencoder) keeps reconstructions sharp in a brief run")
-    g = p.add_argument_group("UNet + text encoder (phase 2)")
-    g.add_argument("--max_steps", type=int, default=1500)
+    g = p.add_argument_group("text encoder pre-training (phase 2), as CLIP is trained before SD")
+    g.add_argument("--clip_steps", type=int, default=1000,
+                   help="contrastive caption/latent steps before the UNet (0: the text encoder starts "
+                        "from random weights and trains with the UNet, the old recipe)")
+    g.add_argument("--clip_batch_size", type=int, default=256)
+    g.add_argument("--clip_lr", type=float, default=2e-3)
+    g.add_argument("--text_encoder_lr_scale", type=float, default=0.0,
+                   help="text encoder lr during phase 3, as a fraction of --lr (0: frozen, as in SD)")
+    g = p.add_argument_group("UNet (phase 3)")
+    g.add_argument("--max_steps", type=int, default=1600)
     g.add_argument("--batch_size", type=int, default=32)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--lr_warmup_steps", type=int, default=100)
@@ -66,7 +77,7 @@ def parse_args(argv=None):
     g.add_argument("--ema_decay", type=float, default=0.999, help="0 disables EMA of the weights")
     g.add_argument("--caption_dropout", type=float, default=0.1,
                    help="fraction of empty captions, so classifier-free guidance works")
-    g.add_argument("--unet_channels", default="32,64,128")
+    g.add_argument("--unet_channels", default="64,128,128")
     g.add_argument("--unet_attn", default="0,1,1",
                    help="per level: 1 = cross-attention block, 0 = plain ResNet block")
     g.add_argument("--unet_layers_per_block", type=int, default=1)
@@ -83,8 +94,6 @@ def parse_args(argv=None):
     g.add_argument("--zero_terminal_snr", type=int, default=1,
                    help="1: rescale the betas so t=T is pure noise (Lin et al. 2024), as sampling starts "
                         "from pure noise; needs v_prediction (ignored with epsilon)")
-    g.add_argument("--snr_gamma", type=float, default=0.0,
-                   help="Min-SNR-gamma loss weighting (Hang et al. 2023, gamma=5 there); 0 = uniform")
     g = p.add_argument_group("evaluation")
     g.add_argument("--num_samples_eval", type=int, default=200, help="val captions sampled and judged")
     g.add_argument("--guidance_scale", type=float, default=4.0)
@@ -268,14 +277,68 @@ def decode_to_uint8(vae, latents_unscaled):
 
 
 # ---------------------------------------------------------------------------------------------
+# Phase 2: CLIP-style text encoder
+
+class LatentTower(torch.nn.Module):
+    """The image side of the contrastive pre-training, on VAE latents [B,C,h,w] -> [B,E]. Flattened,
+    not pooled: where an object is belongs in the embedding (captions say "on the left")."""
+
+    def __init__(self, channels, size, dim):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, 64, 3, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(64, 128, 3, stride=2, padding=1), torch.nn.GELU(),
+            torch.nn.Flatten(), torch.nn.Linear(128 * ((size + 1) // 2) ** 2, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def pretrain_text_encoder(args, text_encoder, latents, tokens, gen):
+    """Symmetric InfoNCE between captions (EOS state, as CLIP pools) and their images' latents.
+    latents [N,C,h,w] (scaled), tokens [N,k,L] (k captions per image). Returns the last batch's
+    caption->image top-1 accuracy."""
+    dim = 128
+    tower = LatentTower(latents.shape[1], latents.shape[-1], dim)
+    text_proj = torch.nn.Linear(args.text_width, dim, bias=False)
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = [*text_encoder.parameters(), *tower.parameters(), *text_proj.parameters(), log_scale]
+    opt = torch.optim.AdamW(params, lr=args.clip_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(50, args.clip_steps // 10 + 1), args.clip_steps))
+    text_encoder.train()
+    t0, acc = time.time(), float("nan")
+    for step in range(args.clip_steps):
+        idx = torch.randperm(len(latents), generator=gen)[:args.clip_batch_size]
+        ids = tokens[idx, torch.randint(0, tokens.shape[1], (len(idx),), generator=gen)]
+        img = F.normalize(tower(latents[idx]), dim=-1)
+        txt = F.normalize(text_proj(text_encoder(ids).pooler_output), dim=-1)
+        logits = log_scale.exp().clamp(max=100) * txt @ img.T                 # [B,B]
+        labels = torch.arange(len(idx))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        opt.step()
+        sched.step()
+        # duplicates in the batch (same scene twice) make top-1 a lower bound
+        acc = (logits.argmax(1) == labels).float().mean().item()
+        if step % args.log_every == 0 or step == args.clip_steps - 1:
+            print(f"clip step {step:5d}  loss {loss.item():.4f}  caption->image top-1 {acc:.3f}  "
+                  f"{time.time() - t0:6.1f}s", flush=True)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation
 
 def judge_groups(images, entries):
-    """Judge each image against its entry's scene -> {"seen"|"heldout"|"all": {attr: acc}, n}."""
+    """Judge each image against its entry's scene -> {group: {"n", attr: accuracy}}, groups "seen",
+    "heldout", "overall" and seen/held-out split by the number of objects."""
     groups = {}
     for img, e in zip(images, entries):
         scores = attribute_scores(judge_image(img), e["scene"])
-        for name in ("heldout" if e["heldout"] else "seen", "overall"):
+        split = "heldout" if e["heldout"] else "seen"
+        for name in (split, f"{split}, {len(e['scene']['objects'])} obj", "overall"):
             g = groups.setdefault(name, {"n": 0})
             g["n"] += 1
             for k, ok in scores.items():
@@ -292,7 +355,7 @@ def judge_groups(images, entries):
 def markdown_table(groups, title):
     cols = ["colour", "shape", "size", "position", "relation", "all"]
     lines = [f"| {title} | n | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
-    for name in ("seen", "heldout", "overall"):
+    for name in ("seen", "seen, 1 obj", "seen, 2 obj", "heldout", "overall"):
         if name in groups:
             g = groups[name]
             cells = [f"{100 * g[c]:.1f}" if c in g else "-" for c in cols]
@@ -390,21 +453,31 @@ def main(argv=None):
     print(f"latents {tuple(mean.shape[1:])}, scaling_factor {scaling:.4f}")
     print(markdown_table(vae_groups, "VAE recon"), flush=True)
 
-    # ---- phase 2: UNet + text encoder ----
-    unet = build_unet(args, mean.shape[1], mean.shape[-1])
+    # ---- phase 2: text encoder, contrastive ----
     text_encoder = build_text_encoder(args, tokenizer)
+    t0 = time.time()
+    clip_acc = pretrain_text_encoder(args, text_encoder, mean * scaling, train_tokens, gen)
+    timings["clip_train_s"] = time.time() - t0
+
+    # ---- phase 3: UNet (+ text encoder when --text_encoder_lr_scale > 0) ----
+    unet = build_unet(args, mean.shape[1], mean.shape[-1])
     scheduler = build_scheduler(args)
     from models.frozen_sd21 import diffusion_target
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    text_trains = args.text_encoder_lr_scale > 0 or args.clip_steps == 0
+    text_encoder.requires_grad_(text_trains).train(text_trains)
+    groups = [{"params": list(unet.parameters()), "lr": args.lr}]
+    if text_trains:
+        scale = args.text_encoder_lr_scale if args.clip_steps else 1.0
+        groups.append({"params": list(text_encoder.parameters()), "lr": args.lr * scale})
+    params = [p for g in groups for p in g["params"]]
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
-    print(f"unet {n_unet / 1e6:.2f}M params, text encoder {n_text / 1e6:.2f}M params", flush=True)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    print(f"unet {n_unet / 1e6:.2f}M params, text encoder {n_text / 1e6:.2f}M params "
+          f"({'trained' if text_trains else 'frozen'})", flush=True)
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.lr_warmup_steps, args.max_steps))
     ema = [p.detach().clone() for p in params] if args.ema_decay > 0 else None
     unet.train()
-    text_encoder.train()
-    alphas_cumprod = scheduler.alphas_cumprod
     t0, running = time.time(), []
     for step in range(args.max_steps):
         idx = torch.randint(0, len(mean), (args.batch_size,), generator=gen)
@@ -416,16 +489,10 @@ def main(argv=None):
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=gen)
         noisy = scheduler.add_noise(latents, noise, t)
-        cond = text_encoder(ids).last_hidden_state                              # [B,L,D]
+        with torch.set_grad_enabled(text_trains):
+            cond = text_encoder(ids).last_hidden_state                          # [B,L,D]
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, diffusion_target(scheduler, latents, noise, t), reduction="none").mean((1, 2, 3))
-        if args.snr_gamma > 0:
-            # Min-SNR: cap the weight of the easy low-noise steps, which otherwise dominate the
-            # gradient; for v-prediction the v-loss already carries a factor snr + 1.
-            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t]).clamp(min=1e-8)
-            v = args.prediction_type == "v_prediction"
-            loss = loss * snr.clamp(max=args.snr_gamma) / (snr + 1 if v else snr)
-        loss = loss.mean()
+        loss = F.mse_loss(pred, diffusion_target(scheduler, latents, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -473,6 +540,7 @@ def main(argv=None):
     metrics = {
         "samples": sample_groups,
         "vae_reconstruction": vae_groups,
+        "clip_top1_last_batch": round(clip_acc, 4),
         "guidance_scale": args.guidance_scale,
         "num_inference_steps": args.num_inference_steps,
         "timings": {k: round(v, 1) for k, v in timings.items()},

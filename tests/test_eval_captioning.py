@@ -351,7 +351,7 @@ def test_model_mode_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     toy_world.generate(data_dir, num_train=2, num_val=10, seed=0)
     vlv = FakeVLV()
     monkeypatch.setattr(models.vlv, "load_vlv", lambda stage1, stage2, device: vlv)
-    out_jsonl = str(tmp_path / "preds.jsonl")
+    out_jsonl = str(tmp_path / "new_dir" / "preds.jsonl")  # its folder is made
     argv = ["--stage1_ckpt", "s1.pt", "--stage2_ckpt", "s2.pt", "--data_dir", data_dir, "--split", "val",
             "--num_samples", "7", "--batch_size", "3", "--num_beams", "2", "--out_jsonl", out_jsonl,
             "--metrics", "bleu,cider,clip", "--regen", "--num_sheet_images", "4", "--device", "cpu"]
@@ -364,9 +364,9 @@ def test_model_mode_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert acc["seen"]["num_images"] + acc["heldout"]["num_images"] == 7
     printed = capsys.readouterr().out
     assert "CLIPScore skipped" in printed and "held-out (n=" in printed
-    with Image.open(tmp_path / "preds.sheet.png") as sheet:
+    with Image.open(tmp_path / "new_dir" / "preds.sheet.png") as sheet:
         assert sheet.format == "PNG"
-    with open(tmp_path / "preds.scores.json") as f:
+    with open(tmp_path / "new_dir" / "preds.scores.json") as f:
         assert json.load(f) == scores
 
     vlv.captioned.clear()

@@ -11,6 +11,7 @@ import train_teacher
 from data import toy_world
 
 TINY = ["--vae_steps", "3", "--vae_batch_size", "4", "--vae_channels", "8,16",
+        "--clip_steps", "2", "--clip_batch_size", "4",
         "--max_steps", "3", "--batch_size", "4", "--lr_warmup_steps", "1",
         "--unet_channels", "16,32", "--unet_attn", "1,1", "--text_width", "32", "--text_layers", "1",
         "--num_samples_eval", "4", "--num_inference_steps", "2", "--num_grid", "4", "--log_every", "1"]
@@ -107,6 +108,47 @@ def test_rerun_replaces_the_folder_and_epsilon(teacher, tmp_path):
     assert config["prediction_type"] == "epsilon" and not config["rescale_betas_zero_snr"]
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["args"]["seed"] == 2
+
+
+def test_contrastive_pretraining_matches_captions_to_latents():
+    """Phase 2 on four scenes with distinct captions: every caption ends up nearest its own image."""
+    args = train_teacher.parse_args(["--text_width", "32", "--text_layers", "1", "--clip_steps", "60",
+                                     "--clip_batch_size", "4", "--clip_lr", "3e-3", "--log_every", "1000"])
+    captions = ["a small red circle on the left", "a large blue square on the right",
+                "a small green triangle at the top", "a large white circle at the bottom"]
+    tokenizer = train_teacher.build_tokenizer(captions, args.max_length)
+    tokens = train_teacher.tokenize(tokenizer, captions, args.max_length)[:, None]   # [4,1,L]
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8, generator=gen)
+    text_encoder = train_teacher.build_text_encoder(args, tokenizer)
+    before = text_encoder.final_layer_norm.weight.clone()
+    assert train_teacher.pretrain_text_encoder(args, text_encoder, latents, tokens, gen) == 1.0
+    assert not torch.equal(before, text_encoder.final_layer_norm.weight)
+
+
+def test_text_encoder_is_frozen_after_pretraining(tmp_path, monkeypatch):
+    """With --text_encoder_lr_scale 0 (the default, as SD freezes CLIP) the saved text encoder is
+    exactly the one phase 2 produced; with a scale > 0 the diffusion loss moves it."""
+    from transformers import CLIPTextModel
+
+    data = str(tmp_path / "data")
+    toy_world.generate(data, num_train=8, num_val=2, seed=0)
+    after_phase2 = {}
+    pretrain = train_teacher.pretrain_text_encoder
+
+    def recording(args, text_encoder, latents, tokens, gen):
+        acc = pretrain(args, text_encoder, latents, tokens, gen)
+        after_phase2[args.output_dir] = {k: v.clone() for k, v in text_encoder.state_dict().items()}
+        return acc
+
+    monkeypatch.setattr(train_teacher, "pretrain_text_encoder", recording)
+    for scale in ("0", "1"):
+        out = str(tmp_path / f"teacher{scale}")
+        train_teacher.main(["--data_dir", data, "--output_dir", out, *TINY, "--num_samples_eval", "2",
+                            "--text_encoder_lr_scale", scale, "--ema_decay", "0"])
+        saved = CLIPTextModel.from_pretrained(out, subfolder="text_encoder").state_dict()
+        same = all(torch.equal(saved[k], v) for k, v in after_phase2[out].items())
+        assert same == (scale == "0"), scale
 
 
 def test_missing_data_is_one_line(tmp_path):
