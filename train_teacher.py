@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from data.judge import judge_image
-from data.toy_world import attribute_scores, caption_vocabulary, load_split
+from data.toy_world import accuracy, attribute_scores, caption_vocabulary, load_split
 
 SPECIAL = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>"}
 
@@ -332,24 +332,18 @@ def pretrain_text_encoder(args, text_encoder, latents, tokens, gen):
 # Evaluation
 
 def judge_groups(images, entries):
-    """Judge each image against its entry's scene -> {group: {"n", attr: accuracy}}, groups "seen",
-    "heldout", "overall" and seen/held-out split by the number of objects."""
-    groups = {}
-    for img, e in zip(images, entries):
-        scores = attribute_scores(judge_image(img), e["scene"])
+    """Judge each image once against its entry's scene -> (per-image attribute_scores,
+    {group: {"n", attr: accuracy}}) with groups "seen", "heldout", "overall" and seen/held-out
+    split by the number of objects."""
+    scores = [attribute_scores(judge_image(img), e["scene"]) for img, e in zip(images, entries)]
+    members = {}
+    for result, e in zip(scores, entries):
         split = "heldout" if e["heldout"] else "seen"
         for name in (split, f"{split}, {len(e['scene']['objects'])} obj", "overall"):
-            g = groups.setdefault(name, {"n": 0})
-            g["n"] += 1
-            for k, ok in scores.items():
-                c = g.setdefault(k, [0, 0])
-                c[0] += int(ok)
-                c[1] += 1
-    out = {}
-    for name, g in groups.items():
-        out[name] = {"n": g.pop("n")}
-        out[name].update({k: round(c[0] / c[1], 4) for k, c in g.items()})
-    return out
+            members.setdefault(name, []).append(result)
+    groups = {name: {"n": len(results), **{k: round(v, 4) for k, v in accuracy(results).items()}}
+              for name, results in members.items()}
+    return scores, groups
 
 
 def markdown_table(groups, title):
@@ -449,7 +443,7 @@ def main(argv=None):
     vae.register_to_config(scaling_factor=scaling)
     val_mean, _ = encode_all(vae, val_pixels)
     recon = decode_to_uint8(vae, val_mean)
-    vae_groups = judge_groups(list(recon), val_entries)
+    _, vae_groups = judge_groups(list(recon), val_entries)
     print(f"latents {tuple(mean.shape[1:])}, scaling_factor {scaling:.4f}")
     print(markdown_table(vae_groups, "VAE recon"), flush=True)
 
@@ -526,8 +520,8 @@ def main(argv=None):
     t0 = time.time()
     images, entries, captions = evaluate_folder(tmp_dir, args, val_entries, val_caps)
     timings["eval_s"] = time.time() - t0
-    sample_groups = judge_groups(images, entries)
-    correct = [attribute_scores(judge_image(im), e["scene"])["all"] for im, e in zip(images, entries)]
+    scores, sample_groups = judge_groups(images, entries)
+    correct = [result["all"] for result in scores]
     # the grid shows held-out scenes too: pick alternately from seen and held-out
     seen = [i for i, e in enumerate(entries) if not e["heldout"]]
     held = [i for i, e in enumerate(entries) if e["heldout"]]

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from data.toy_world import BACKGROUND, COLOURS, IMAGE_SIZE, attribute_scores, canonical
+from data.toy_world import BACKGROUND, COLOURS, IMAGE_SIZE, accuracy, attribute_scores, canonical
 
 _NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _NAMES], np.float32)   # [6,3]
@@ -98,9 +98,4 @@ def judge_accuracy(images, scenes):
     """Fraction of images whose judged scene gets each attribute right ("all": every one).
     images: PIL images or uint8 arrays; scenes: the scenes they should show. Attributes absent
     from every scene (e.g. "relation" with one-object scenes only) are left out."""
-    totals, counts = {}, {}
-    for img, scene in zip(images, scenes):
-        for k, ok in attribute_scores(judge_image(img), scene).items():
-            totals[k] = totals.get(k, 0) + int(ok)
-            counts[k] = counts.get(k, 0) + 1
-    return {k: totals[k] / counts[k] for k in counts}
+    return accuracy(attribute_scores(judge_image(img), scene) for img, scene in zip(images, scenes))

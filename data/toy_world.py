@@ -192,6 +192,17 @@ def attribute_scores(pred_scene, true_scene):
     return out
 
 
+def accuracy(results):
+    """Fraction right per attribute over attribute_scores results. An attribute that only some
+    results have ("position" vs "relation") counts over those; one that none has is left out."""
+    totals, counts = {}, {}
+    for result in results:
+        for k, ok in result.items():
+            totals[k] = totals.get(k, 0) + int(ok)
+            counts[k] = counts.get(k, 0) + 1
+    return {k: totals[k] / counts[k] for k in counts}
+
+
 # ---------------------------------------------------------------------------------------------
 # Layout and rendering
 

@@ -34,7 +34,6 @@ timed "stage 1 (distillation)" $PY train_stage1.py --preset toy --data_dir "$OUT
 timed "stage 2 (captioner)" $PY train_stage2.py --preset toy --data_dir "$OUT/data" --llm "$OUT/lm" \
   --stage1_ckpt "$OUT/stage1/vision_encoder_$STAGE1_STEPS.pt" --output_dir "$OUT/stage2" \
   --max_steps "$STAGE2_STEPS" --resume_from latest --finetune_lm  # frozen LM: 0.13 vs 0.46 (README)
-mkdir -p "$OUT/eval"
 timed "captions + regenerations + metrics" $PY eval_captioning.py \
   --stage1_ckpt "$OUT/stage1/vision_encoder_$STAGE1_STEPS.pt" \
   --stage2_ckpt "$OUT/stage2/captioner_$STAGE2_STEPS.pt" --data_dir "$OUT/data" --split val \
