@@ -30,7 +30,7 @@ def main(argv=None):
     p.add_argument("--num_images", type=int, default=200)
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--num_inference_steps", type=int, default=20)
-    p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--guidance_scale", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

@@ -4,7 +4,7 @@ Written in the COCO 2017 layout so the real COCO loader reads it:
     DIR/annotations/captions_{train,val}2017.json   (COCO captions + "scene" and "heldout" per image)
     DIR/train2017/{id:012d}.png   DIR/val2017/{id:012d}.png
 
-    python -m data.toy_world --out_dir checkpoints/toy/data --num_train 4000 --num_val 200 --seed 0
+    python -m data.toy_world --out_dir checkpoints/toy/data --num_train 20000 --num_val 200 --seed 0
 
 A scene is a plain dict, the single source of truth for captions, rendering and scoring:
     {"objects": [{"colour", "shape", "size"}, ...], "position": str|None, "relation": str|None}
@@ -338,7 +338,7 @@ def load_split(data_dir, split):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out_dir", required=True)
-    p.add_argument("--num_train", type=int, default=4000)
+    p.add_argument("--num_train", type=int, default=20000)
     p.add_argument("--num_val", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-checkpoints/toy}
-STAGE1_STEPS=${STAGE1_STEPS:-600}
+STAGE1_STEPS=${STAGE1_STEPS:-1000}
 STAGE2_STEPS=${STAGE2_STEPS:-600}
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, diffusers, transformers, pycocoevalcap" 2>/dev/null; then
@@ -24,7 +24,7 @@ timed() {  # timed NAME command...: run it, remember its wall time
 }
 
 [ -f "$OUT/data/annotations/captions_val2017.json" ] || \
-  timed "toy world" $PY -m data.toy_world --out_dir "$OUT/data" --num_train 4000 --num_val 200 --seed 0
+  timed "toy world" $PY -m data.toy_world --out_dir "$OUT/data" --num_train 20000 --num_val 200 --seed 0
 [ -f "$OUT/teacher/model_index.json" ] || \
   timed "teacher (text-to-image)" $PY train_teacher.py --data_dir "$OUT/data" --output_dir "$OUT/teacher"
 [ -f "$OUT/lm/config.json" ] || \
@@ -38,7 +38,7 @@ timed "captions + regenerations + metrics" $PY eval_captioning.py \
   --stage1_ckpt "$OUT/stage1/vision_encoder_$STAGE1_STEPS.pt" \
   --stage2_ckpt "$OUT/stage2/captioner_$STAGE2_STEPS.pt" --data_dir "$OUT/data" --split val \
   --metrics bleu,meteor,rouge,cider --out_jsonl "$OUT/eval/preds.jsonl" --regen \
-  --num_inference_steps 20 --guidance_scale 3.0 --batch_size 50
+  --num_inference_steps 20 --guidance_scale 2.0 --batch_size 50
 
 echo
 echo "| toy stage | wall seconds |"

@@ -95,13 +95,14 @@ def test_metrics_and_grid_written(teacher):
     assert os.path.getsize(os.path.join(out, "samples.png")) > 0
 
 
-def test_rerun_replaces_the_folder_and_epsilon(teacher, tmp_path):
+def test_rerun_replaces_the_folder_epsilon_bf16(teacher, tmp_path):
     _, data, first, _ = teacher
     out = str(tmp_path / "teacher")
     shutil.copytree(first, out)
     # an existing teacher is replaced whole by a new run
     train_teacher.main(["--data_dir", data, "--output_dir", out, "--seed", "2", "--prediction_type",
-                        "epsilon", *TINY, "--max_steps", "1", "--vae_steps", "1"])
+                        "epsilon", *TINY, "--max_steps", "1", "--vae_steps", "1",
+                        "--mixed_precision", "bf16", "--two_object_weight", "3"])
     with open(os.path.join(out, "scheduler", "scheduler_config.json")) as f:
         config = json.load(f)
     # epsilon cannot be predicted at zero SNR, so SD's schedule is kept as it is
