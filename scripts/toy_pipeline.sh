@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-checkpoints/toy}
-STAGE1_STEPS=${STAGE1_STEPS:-1000}
+STAGE1_STEPS=${STAGE1_STEPS:-3000}
 STAGE2_STEPS=${STAGE2_STEPS:-600}
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, diffusers, transformers, pycocoevalcap" 2>/dev/null; then
