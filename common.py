@@ -22,10 +22,10 @@ PRESETS = {
         "all": dict(data_dir="checkpoints/toy/data", sd_model_id="checkpoints/toy/teacher",
                     mixed_precision="no", num_inference_steps=20, guidance_scale=2.0),
         "stage1": dict(image_size=32, backbone="toy", backbone_weights="none", encoder_width=128,
-                       encoder_layers=2, batch_size=32, lr=1e-3, lr_warmup_steps=50, max_steps=3000,
-                       checkpointing_steps=500, validation_steps=500, num_validation_images=8),
+                       encoder_layers=2, batch_size=128, lr=1e-3, lr_warmup_steps=50, max_steps=1000,
+                       checkpointing_steps=250, validation_steps=250, num_validation_images=8),
         "stage2": dict(llm="checkpoints/toy/lm", batch_size=32, lr=1e-3, lr_warmup_steps=50,
-                       max_steps=600, checkpointing_steps=200, validation_steps=200),
+                       max_steps=1800, checkpointing_steps=600, validation_steps=600),
     },
 }
 

@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-checkpoints/toy}
-STAGE1_STEPS=${STAGE1_STEPS:-3000}
-STAGE2_STEPS=${STAGE2_STEPS:-600}
+STAGE1_STEPS=${STAGE1_STEPS:-1000}
+STAGE2_STEPS=${STAGE2_STEPS:-1800}
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, diffusers, transformers, pycocoevalcap" 2>/dev/null; then
   python3 -m venv .venv
@@ -33,7 +33,7 @@ timed "stage 1 (distillation)" $PY train_stage1.py --preset toy --data_dir "$OUT
   --sd_model_id "$OUT/teacher" --output_dir "$OUT/stage1" --max_steps "$STAGE1_STEPS" --resume_from latest
 timed "stage 2 (captioner)" $PY train_stage2.py --preset toy --data_dir "$OUT/data" --llm "$OUT/lm" \
   --stage1_ckpt "$OUT/stage1/vision_encoder_$STAGE1_STEPS.pt" --output_dir "$OUT/stage2" \
-  --max_steps "$STAGE2_STEPS" --resume_from latest --finetune_lm  # frozen LM: 0.13 vs 0.46 (README)
+  --max_steps "$STAGE2_STEPS" --resume_from latest --finetune_lm --finetune_encoder  # encoder + LM trained: README, Captions
 timed "captions + regenerations + metrics" $PY eval_captioning.py \
   --stage1_ckpt "$OUT/stage1/vision_encoder_$STAGE1_STEPS.pt" \
   --stage2_ckpt "$OUT/stage2/captioner_$STAGE2_STEPS.pt" --data_dir "$OUT/data" --split val \
