@@ -277,7 +277,8 @@ def clip_scores(images, captions, refs, clip_model_dir, batch_size=32, device="c
 
 def attribute_accuracy(preds, images_info):
     """preds {image_id: caption}; images_info {image_id: {"scene", "heldout", ...}} -> for "seen",
-    "heldout" and "overall": {attribute: {"correct", "total", "accuracy"}} (attributes as
+    "heldout", "overall" and each of seen/heldout by number of objects ("seen, 1 object", "seen, 2
+    objects", ...): {attribute: {"correct", "total", "accuracy"}} (attributes as
     data.toy_world.attribute_scores names them, "all" included) plus "num_images"."""
     from data.toy_world import attribute_scores, parse_caption
     groups = {"seen": {}, "heldout": {}, "overall": {}}
@@ -287,8 +288,12 @@ def attribute_accuracy(preds, images_info):
         if info.get("scene") is None:
             continue
         result = attribute_scores(parse_caption(caption), info["scene"])
-        for name in ("heldout" if info.get("heldout") else "seen", "overall"):
-            counts[name] += 1
+        split = "heldout" if info.get("heldout") else "seen"
+        n = len(info["scene"]["objects"])
+        # One-object and two-object scenes apart too: two objects are the hard part (the relation).
+        for name in (split, "overall", f"{split}, {n} object{'s' if n > 1 else ''}"):
+            groups.setdefault(name, {})
+            counts[name] = counts.get(name, 0) + 1
             for attr, ok in result.items():
                 cell = groups[name].setdefault(attr, {"correct": 0, "total": 0})
                 cell["correct"] += int(bool(ok))
@@ -412,13 +417,15 @@ def markdown_tables(scores):
         lines += [f"| {k} | {scores[k]:.4f} |" for k in clip_keys]
     acc = scores.get("attribute_accuracy")
     if acc:
-        seen, held = acc["seen"], acc["heldout"]
-        attrs = [a for a in list(seen) + list(held) if a != "num_images"]
+        names = ["seen"] + sorted(k for k in acc if k.startswith("seen, ")) + ["heldout"]
+        tables = [acc.get(name, {"num_images": 0}) for name in names]
+        attrs = [a for t in tables for a in t if a != "num_images"]
         attrs = sorted(set(attrs), key=lambda a: (a == "all", attrs.index(a)))
         cell = lambda t, a: (f"{t[a]['accuracy']:.3f} ({t[a]['correct']}/{t[a]['total']})" if a in t else "-")
-        lines += ["", f"| attribute (from the caption) | seen (n={seen['num_images']}) | "
-                      f"held-out (n={held['num_images']}) |", "|---|---|---|"]
-        lines += [f"| {a} | {cell(seen, a)} | {cell(held, a)} |" for a in attrs]
+        header = [f"{name.replace('heldout', 'held-out')} (n={t['num_images']})" for name, t in zip(names, tables)]
+        lines += ["", "| attribute (from the caption) | " + " | ".join(header) + " |",
+                  "|---" * (len(names) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(cell(t, a) for t in tables) + " |" for a in attrs]
     return "\n".join(lines)
 
 

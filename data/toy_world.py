@@ -178,16 +178,30 @@ def attribute_scores(pred_scene, true_scene):
     """Which attributes a prediction (parsed caption or judged image) gets right.
 
     Returns {"colour", "shape", "size", "position" (one object) or "relation" (two), "all"} -> bool.
-    Objects are compared in canonical order; a wrong number of objects gets everything wrong."""
+    A wrong number of objects gets everything wrong. Two objects: each predicted object is scored
+    against the true object it resembles most (in canonical order, or swapped when the swap matches
+    strictly more attributes), and the relation is right only when it is true of those objects:
+    "a red circle left of a blue square" for a scene with the circle on the right gets colour,
+    shape and size right and the relation wrong (the order is the relation's error, not the
+    attributes')."""
     true = canonical(true_scene)
     pred = canonical(pred_scene or {})
     where = "position" if len(true["objects"]) == 1 else "relation"
     keys = ("colour", "shape", "size", where)
     if len(pred["objects"]) != len(true["objects"]):
         return {**{k: False for k in keys}, "all": False}
-    out = {a: all(p.get(a) == t[a] for p, t in zip(pred["objects"], true["objects"]))
-           for a in ("colour", "shape", "size")}
-    out[where] = pred[where] is not None and pred[where] == true[where]
+
+    def matches(objects):
+        return {a: all(p.get(a) == t[a] for p, t in zip(objects, true["objects"]))
+                for a in ("colour", "shape", "size")}
+
+    def count(objects):
+        return sum(p.get(a) == t[a] for p, t in zip(objects, true["objects"]) for a in ("colour", "shape", "size"))
+
+    out, in_order = matches(pred["objects"]), True
+    if len(pred["objects"]) == 2 and count(pred["objects"][::-1]) > count(pred["objects"]):
+        out, in_order = matches(pred["objects"][::-1]), False
+    out[where] = in_order and pred[where] is not None and pred[where] == true[where]
     out["all"] = all(out.values())
     return out
 

@@ -303,6 +303,9 @@ TOY = {  # image_id: (scene, heldout, predicted caption, colour right?, everythi
         True, True),
     5: (scene([("white", "square", "small")], position="bottom"), True, "a small red square at the bottom",
         False, False),
+    # the right objects, the wrong order: attributes right, relation (and so "all") wrong
+    7: (scene([("red", "circle", "small"), ("blue", "square", "large")], relation="left of"), False,
+        "a small red circle to the right of a large blue square", True, False),
 }
 
 
@@ -314,15 +317,19 @@ def test_attribute_accuracy_counts_seen_and_heldout_apart():
     preds[6] = "a red circle"
     acc = eval_captioning.attribute_accuracy(preds, infos)
     seen, held, overall = acc["seen"], acc["heldout"], acc["overall"]
-    assert (seen["num_images"], held["num_images"], overall["num_images"]) == (3, 2, 5)
-    assert seen["colour"]["total"] == 3 and seen["colour"]["correct"] == 2
+    one, two = acc["seen, 1 object"], acc["seen, 2 objects"]
+    assert (seen["num_images"], held["num_images"], overall["num_images"]) == (4, 2, 6)
+    assert (one["num_images"], two["num_images"]) == (3, 1)
+    assert seen["colour"]["total"] == 4 and seen["colour"]["correct"] == 3
     assert held["colour"]["total"] == 2 and held["colour"]["correct"] == 1
     assert seen["all"]["correct"] == 2 and held["all"]["correct"] == 1
     assert held["all"]["accuracy"] == 0.5 and overall["all"]["correct"] == 3
-    assert seen["shape"]["correct"] == 3 and held["shape"]["correct"] == 2
-    table = eval_captioning.markdown_tables({"num_images": 5, "attribute_accuracy": acc})
-    assert "| all | 0.667 (2/3) | 0.500 (1/2) |" in table
-    assert "seen (n=3)" in table and "held-out (n=2)" in table
+    assert seen["shape"]["correct"] == 4 and held["shape"]["correct"] == 2
+    assert two["relation"]["correct"] == 0 and two["colour"]["correct"] == 1 and "relation" not in one
+    table = eval_captioning.markdown_tables({"num_images": 6, "attribute_accuracy": acc})
+    assert "| all | 0.500 (2/4) | 0.667 (2/3) | 0.000 (0/1) | 0.500 (1/2) |" in table
+    assert "| relation | 0.000 (0/1) | - | 0.000 (0/1) | - |" in table
+    assert "seen (n=4)" in table and "seen, 2 objects (n=1)" in table and "held-out (n=2)" in table
 
 
 class FakeVLV:

@@ -141,5 +141,11 @@ def test_canonical_left_of_equals_right_of():
     swapped = {"objects": [dict(a, colour="blue"), dict(b, colour="red")], "position": None, "relation": "left of"}
     scores = tw.attribute_scores(swapped, left)
     assert not scores["colour"] and scores["shape"] and scores["relation"] and not scores["all"]
+    # the right objects in the wrong order: a relation error, the attributes are right
+    flipped = {"objects": [b, a], "position": None, "relation": "left of"}
+    assert tw.attribute_scores(flipped, left) == {"colour": True, "shape": True, "size": True,
+                                                  "relation": False, "all": False}
+    flipped_axis = {"objects": [b, a], "position": None, "relation": "above"}
+    assert not tw.attribute_scores(flipped_axis, left)["relation"]
     # a wrong number of objects gets everything wrong
     assert not any(tw.attribute_scores({"objects": [a], "position": "left"}, left).values())
