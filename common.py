@@ -24,7 +24,7 @@ PRESETS = {
         "stage1": dict(image_size=32, backbone="toy", backbone_weights="none", encoder_width=128,
                        encoder_layers=2, batch_size=128, lr=1e-3, lr_warmup_steps=50, max_steps=1000,
                        checkpointing_steps=250, validation_steps=250, num_validation_images=8),
-        "stage2": dict(llm="checkpoints/toy/lm", batch_size=32, lr=1e-3, lr_warmup_steps=50,
+        "stage2": dict(llm="checkpoints/toy/lm", batch_size=32, lr=1e-3, lr_warmup_steps=50, two_object_repeat=3,
                        max_steps=1800, checkpointing_steps=600, validation_steps=600),
     },
 }
@@ -93,8 +93,15 @@ def add_training_args(parser):
 
 
 def validation_items(dataset, n):
-    """The first n items of a dataset that are readable: the fixed images a run shows samples of."""
-    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    """The first n readable items of n different images: the fixed images a run shows samples of.
+    (A caption dataset holds an image once per caption, and more often with repeat_images.)"""
+    image_of = (lambda i: dataset.items[i][0]) if hasattr(dataset, "items") else (lambda i: i)
+    firsts = {}
+    for i in range(len(dataset)):
+        if len(firsts) == n:
+            break
+        firsts.setdefault(image_of(i), i)
+    items = [dataset[i] for i in firsts.values()]
     return [x for x in items if x is not None]
 
 

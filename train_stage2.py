@@ -44,6 +44,9 @@ def build_parser():
     g.add_argument("--finetune_lm", action="store_true", help="train the whole LM (default: frozen)")
     g.add_argument("--lora", action="store_true", help="adapt the frozen LM with LoRA (peft)")
     g.add_argument("--lora_rank", type=int, default=8)
+    g.add_argument("--two_object_repeat", type=int, default=1,
+                   help="toy world: each caption of a two-object scene is seen this many times per "
+                        "epoch (they are a third of the data and the hard part)")
     g = p.add_argument_group("sample captions")
     g.add_argument("--num_beams", type=int, default=3)
     g.add_argument("--max_new_tokens", type=int, default=30)
@@ -56,6 +59,8 @@ def parse_args(argv=None):
     if args.data_dir is None:
         common.die("--data_dir is required: the COCO 2017 root with annotations/ and train2017/")
     args.finetune_encoder = args.finetune_encoder or args.reinit_encoder
+    if args.two_object_repeat < 1:
+        common.die(f"--two_object_repeat {args.two_object_repeat}: must be 1 (no repeats) or more")
     if args.lora and args.finetune_lm:
         common.die("--lora and --finetune_lm both adapt the LM; pass one of them")
     return args
@@ -85,6 +90,13 @@ def main(argv=None):
     dataset = CocoImageCaptionDataset(args.data_dir, split=args.split, image_size=image_size,
                                       subset_ratio=args.subset_ratio, karpathy_json=args.karpathy_json,
                                       seed=args.seed)
+    if args.two_object_repeat > 1:
+        scenes = {i: info.get("scene") for i, info in dataset.images_info.items()}
+        if None in scenes.values():
+            common.die(f"--two_object_repeat {args.two_object_repeat}: the images of {args.data_dir} have "
+                       f"no toy-world scene to count objects in; it is for the toy world, drop it for COCO")
+        dataset.repeat_images({i: args.two_object_repeat for i, scene in scenes.items()
+                               if len(scene["objects"]) == 2})
     loader = accelerator.prepare(torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
         num_workers=args.num_workers, collate_fn=collate_skip_none,

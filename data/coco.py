@@ -306,6 +306,12 @@ class CocoImageCaptionDataset(_CocoBase):
             _die(f"--data_dir {data_dir}: split {split} has no captions"
                  + (f" (in the chosen subset of {len(self._records)} images)" if self._records else ""))
 
+    def repeat_images(self, repeats):
+        """repeats {image_id: k}: every caption of those images appears k times per epoch (k >= 1;
+        images not named keep 1): repeat-factor sampling, as LVIS does for rare categories, but
+        fixed in the item list, so the seeded shuffle and an exact resume stay what they are."""
+        self.items = [item for item in self.items for _ in range(repeats.get(item[0], 1))]
+
     def __len__(self):
         return len(self.items)
 

@@ -167,3 +167,30 @@ def test_baseline_without_stage1_trains_a_fresh_encoder(world, tmp_path):
     argv = argv_of(stage1_ckpt=world["stage1"], stage2_ckpt=os.path.join(out, "captioner_2.pt"),
                    image_path=img, num_beams=1, max_new_tokens=4, device="cpu")
     assert len(infer.main(argv)) == 1
+
+
+def test_two_object_repeat_repeats_two_object_scenes_and_refuses_coco(world, tmp_path):
+    from data.coco import CocoImageCaptionDataset
+    ds = CocoImageCaptionDataset(world["data"], image_size=16)
+    two = {i for i, info in ds.images_info.items() if len(info["scene"]["objects"]) == 2}
+    assert two and len(two) < len(ds.images_info)
+    before = [item for item in ds.items]
+    ds.repeat_images({i: 3 for i in two})
+    counted = lambda items, i: sum(item[0] == i for item in items)
+    for i in ds.images_info:
+        assert counted(ds.items, i) == counted(before, i) * (3 if i in two else 1)
+    # the samples a run shows are of different images, however often one repeats
+    assert len({x["image_id"] for x in common.validation_items(ds, 3)}) == 3
+    assert train_stage2.main(stage2_argv(world, str(tmp_path / "rep"), max_steps=1, checkpointing_steps=1,
+                                         two_object_repeat=3)) == 1
+    # COCO images have no scene to count objects in: one line, naming the flag
+    coco = tmp_path / "coco"
+    os.makedirs(coco / "annotations")
+    os.symlink(os.path.join(world["data"], "train2017"), coco / "train2017")
+    ann = json.load(open(os.path.join(world["data"], "annotations", "captions_train2017.json")))
+    for image in ann["images"]:
+        image.pop("scene"), image.pop("heldout")
+    json.dump(ann, open(coco / "annotations" / "captions_train2017.json", "w"))
+    with pytest.raises(SystemExit) as e:
+        train_stage2.main(stage2_argv(world, str(tmp_path / "coco_out"), data_dir=str(coco), two_object_repeat=3))
+    assert str(e.value.code).startswith("error: --two_object_repeat 3:") and "COCO" in str(e.value.code)
