@@ -191,16 +191,15 @@ def attribute_scores(pred_scene, true_scene):
     if len(pred["objects"]) != len(true["objects"]):
         return {**{k: False for k in keys}, "all": False}
 
-    def matches(objects):
-        return {a: all(p.get(a) == t[a] for p, t in zip(objects, true["objects"]))
-                for a in ("colour", "shape", "size")}
+    def hits(objects):  # attribute -> [right?] per object
+        return {a: [p.get(a) == t[a] for p, t in zip(objects, true["objects"])] for a in ("colour", "shape", "size")}
 
-    def count(objects):
-        return sum(p.get(a) == t[a] for p, t in zip(objects, true["objects"]) for a in ("colour", "shape", "size"))
-
-    out, in_order = matches(pred["objects"]), True
-    if len(pred["objects"]) == 2 and count(pred["objects"][::-1]) > count(pred["objects"]):
-        out, in_order = matches(pred["objects"][::-1]), False
+    hit, in_order = hits(pred["objects"]), True
+    if len(pred["objects"]) == 2:
+        swapped = hits(pred["objects"][::-1])
+        if sum(map(sum, swapped.values())) > sum(map(sum, hit.values())):
+            hit, in_order = swapped, False
+    out = {a: all(v) for a, v in hit.items()}
     out[where] = in_order and pred[where] is not None and pred[where] == true[where]
     out["all"] = all(out.values())
     return out
