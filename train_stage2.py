@@ -44,6 +44,12 @@ def build_parser():
     g.add_argument("--finetune_lm", action="store_true", help="train the whole LM (default: frozen)")
     g.add_argument("--lora", action="store_true", help="adapt the frozen LM with LoRA (peft)")
     g.add_argument("--lora_rank", type=int, default=8)
+    g.add_argument("--caption_loss", default="sampled", choices=["sampled", "best_ref", "posterior_ref"],
+                   help="sampled: the loss of the item's caption; best_ref: of whichever of the image's "
+                        "reference captions the model finds most likely (multiple-choice learning); "
+                        "posterior_ref: of one drawn from the model's posterior over them (the "
+                        "marginal likelihood's gradient). Both let it commit to one of several true "
+                        "phrasings")
     g.add_argument("--two_object_repeat", type=int, default=1,
                    help="toy world: each caption of a two-object scene is seen this many times per "
                         "epoch (they are a third of the data and the hard part)")
@@ -133,8 +139,13 @@ def main(argv=None):
     if resume_path:
         trainer.resume(resume_path)
 
-    def compute_loss(batch):
-        return model(batch["pixel_values"], batch["caption"])  # through DDP, so gradients sync
+    def compute_loss(batch):  # through DDP, so gradients sync
+        if args.caption_loss == "sampled":
+            return model(batch["pixel_values"], batch["caption"])
+        refs = [dataset.captions_by_image[int(i)] for i in batch["image_id"]]
+        groups = torch.tensor([g for g, r in enumerate(refs) for _ in r])
+        return model(batch["pixel_values"], [c for r in refs for c in r], groups,
+                     pick="best" if args.caption_loss == "best_ref" else "sample")
 
     val_items = common.validation_items(dataset, args.num_validation_images)
     val_images = torch.stack([x["pixel_values"] for x in val_items]).to(accelerator.device)

@@ -21,6 +21,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
@@ -63,6 +64,18 @@ def _lora_targets(lm):
                 if any(name == t or name.endswith("." + t) for t in targets)]
     fan_in_fan_out = any(isinstance(m, Conv1D) for m in targeted)
     return list(targets), fan_in_fan_out
+
+
+def best_in_group(scores, groups):
+    """scores [B], groups [B] (group ids) -> [B] bool: the lowest score of each group (the first on ties)."""
+    order = torch.argsort(scores, stable=True)
+    first = torch.ones_like(groups, dtype=torch.bool)
+    # After a stable sort by score, a stable sort by group puts each group's best first.
+    by_group = order[torch.argsort(groups[order], stable=True)]
+    first[1:] = groups[by_group][1:] != groups[by_group][:-1]
+    keep = torch.zeros_like(first)
+    keep[by_group[first]] = True
+    return keep
 
 
 class EmbToCaption(nn.Module):
@@ -150,10 +163,44 @@ class EmbToCaption(nn.Module):
         return [x[:limit] + [self.eos_id] for x in ids]
 
     # ---- training -----------------------------------------------------------------------------
-    def forward(self, z, captions):
-        """Teacher-forced LM loss (mean over caption tokens + EOS of the batch)."""
+    def forward(self, z, captions, groups=None, pick="best"):
+        """Teacher-forced LM loss: the mean over caption tokens + EOS of the batch.
+
+        groups (LongTensor [B], optional): caption i belongs to image groups[i]; then one caption of
+        each image counts, so the captioner may commit to one of several equally true phrasings (e.g.
+        which of two objects it names first) instead of being pulled towards all of them at once.
+        pick="best": the caption the model finds most likely (multiple-choice learning,
+        Guzman-Rivera et al. 2012); pick="sample": one drawn from the model's posterior over the
+        image's captions, p(c_j | z) / sum_k p(c_k | z) (Gumbel-max), whose gradient is an unbiased
+        estimate of that of the marginal likelihood log sum_j p(c_j | z): it starts as a uniform
+        choice and sharpens only as the model commits."""
         if len(captions) != z.shape[0]:
             raise ValueError(f"{z.shape[0]} prefixes but {len(captions)} captions")
+        if groups is not None:
+            keep = self.pick_references(z, captions, groups, pick)
+            z, captions = z[keep], [c for c, k in zip(captions, keep.tolist()) if k]
+        nll, token_mask = self.token_nll(z, captions)
+        return nll.sum() / token_mask.sum()
+
+    @torch.no_grad()
+    def pick_references(self, z, captions, groups, pick="best"):
+        """[B] bool: the one caption of each group that the loss trains on (forward's pick)."""
+        if pick not in ("best", "sample"):
+            raise ValueError(f"pick={pick!r}: use 'best' or 'sample'")
+        # Scored without a graph and without dropout; only the chosen captions then get a backward
+        # pass, one per image, not one per reference.
+        was_training = self.training
+        self.eval()
+        try:
+            score = self.token_nll(z, captions)[0].sum(1)               # [B] -log p(caption | z)
+        finally:
+            self.train(was_training)
+        if pick == "sample":  # argmin of (-log p - Gumbel noise) is a sample of the posterior
+            score = score + torch.log(-torch.log(torch.rand_like(score).clamp_min(1e-20)))
+        return best_in_group(score, groups.to(z.device))
+
+    def token_nll(self, z, captions):
+        """-log p of every caption token + EOS given z and the tokens before it: ([B,T], mask [B,T])."""
         prefix = self.prefix_embeds(z)                                  # [B,P,H], P = L(+1)
         ids = self.tokenize(captions)
         B, P, T = z.shape[0], prefix.shape[1], max(len(x) for x in ids)
@@ -164,10 +211,11 @@ class EmbToCaption(nn.Module):
             token_mask[i, :len(x)] = 1
         inputs_embeds = torch.cat([prefix, self.embed_tokens(tokens)], dim=1)       # [B,P+T,H]
         attention_mask = torch.cat([torch.ones((B, P), dtype=torch.long, device=z.device), token_mask], dim=1)
-        labels = torch.cat([torch.full((B, P), -100, dtype=torch.long, device=z.device),
-                            tokens.masked_fill(token_mask == 0, -100)], dim=1)     # the LM shifts them
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
-        return out.loss
+        logits = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).logits
+        # Position P-1+t predicts caption token t; padding counts nothing.
+        nll = F.cross_entropy(logits[:, P - 1:-1].float().transpose(1, 2),
+                              tokens.masked_fill(token_mask == 0, -100), reduction="none")
+        return nll, token_mask
 
     # ---- inference ----------------------------------------------------------------------------
     def generation_kwargs(self, num_beams=3, max_new_tokens=30, min_new_tokens=0, length_penalty=1.0,

@@ -29,12 +29,16 @@ class VLV(nn.Module):
         z = self.encoder(images)
         return self.sd.condition(z) if self.prefix_source == "cond" else z
 
-    def forward(self, images, captions):
-        """The stage-2 loss. A frozen encoder runs without a graph (no activations kept)."""
+    def forward(self, images, captions, groups=None, pick="best"):
+        """The stage-2 loss. captions: one per image, or, with groups (LongTensor, caption i belongs
+        to images[groups[i]]), all the references of each image, of which the captioner's loss
+        keeps one, the best or a posterior sample (pick: EmbToCaption.forward). A frozen encoder runs without a graph."""
         encoder_trains = any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
             prefix = self.prefix(images)
-        return self.captioner(prefix, captions)
+        if groups is not None:
+            prefix = prefix[groups.to(prefix.device)]  # each image's prefix once per reference
+        return self.captioner(prefix, captions, groups, pick)
 
     @torch.no_grad()
     def caption(self, images, **generate_kwargs):

@@ -4,18 +4,18 @@ import pytest
 import torch
 
 from conftest import CAPTIONS, save_tiny_gpt2, save_tiny_llama
-from models.emb_to_caption import EmbToCaption, _lora_targets, beam_search_reference
+from models.emb_to_caption import EmbToCaption, _lora_targets, beam_search_reference, best_in_group
 
 L, D = 4, 16  # prefix length and width of z
 
 
-def train(captioner, z, captions, steps, lr=3e-3):
+def train(captioner, z, captions, steps, lr=3e-3, **loss_kwargs):
     params = [p for p in captioner.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     captioner.train()
     losses = []
     for _ in range(steps):
-        loss = captioner(z, captions)
+        loss = captioner(z, captions, **loss_kwargs)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -106,6 +106,80 @@ def test_loss_covers_caption_and_eos_only(gpt2_dir):
     assert batch == pytest.approx((n[0] * alone[0] + n[1] * alone[1]) / (n[0] + n[1]), rel=1e-5)
     assert captioner.bos_id == captioner.eos_id == captioner.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert captioner.tokenizer.pad_token is not None and captioner.tokenizer.padding_side == "right"
+
+
+def test_best_in_group_keeps_each_groups_lowest_score():
+    scores = torch.tensor([3.0, 1.0, 2.0, 5.0, 0.5, 5.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 1, 2, 1, 0])
+    # group 0: 1.0 at 1 and 6 (the first wins); group 1: a tie of 5.0 (the first wins); group 2 alone
+    assert best_in_group(scores, groups).tolist() == [False, True, False, True, True, False, False]
+
+
+# Two true captions of one scene that name its objects in either order.
+BOTH_ORDERS = ["there is a small blue square above a large green triangle",
+               "a large green triangle below a small blue square"]
+
+
+def test_best_ref_loss_is_the_loss_of_each_images_most_likely_reference(gpt2_dir):
+    torch.manual_seed(0)
+    captioner = EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D, freeze_lm=False).eval()
+    z = torch.randn(2, L, D)
+    refs = [CAPTIONS + BOTH_ORDERS, BOTH_ORDERS]
+    captions = [c for r in refs for c in r]
+    groups = torch.tensor([g for g, r in enumerate(refs) for _ in r])
+    with torch.no_grad():
+        nll = [captioner.token_nll(z[g:g + 1], [c])[0].sum().item() for g, c in zip(groups.tolist(), captions)]
+    best = [min((i for i in range(len(captions)) if groups[i] == g), key=nll.__getitem__) for g in (0, 1)]
+    loss = captioner(z[groups], captions, groups)
+    assert loss.item() == pytest.approx(captioner(z, [captions[i] for i in best]).item(), rel=1e-5)
+    loss.backward()  # only the chosen references train: the others get no gradient through z
+    assert all(p.grad is not None for p in captioner.proj.parameters())
+
+
+def fit_both_orders(gpt2_dir, groups=None, pick="best", steps=100):
+    """A captioner trained on BOTH_ORDERS for one z, with the plain loss (groups=None) or one
+    caption picked per step; returns it and the z."""
+    torch.manual_seed(0)
+    captioner = EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D, freeze_lm=False)
+    z = torch.randn(1, L, D).expand(2, -1, -1)
+    train(captioner, z, BOTH_ORDERS, steps, lr=1e-2, groups=groups, pick=pick)
+    return captioner, z
+
+
+def prob_of_each(captioner, z):
+    with torch.no_grad():
+        return torch.exp(-captioner.token_nll(z, BOTH_ORDERS)[0].sum(1))
+
+
+def test_best_ref_training_commits_to_one_of_two_true_captions(gpt2_dir):
+    """Taught both orders at once, a captioner splits its belief between them (the order is then a
+    coin toss at every decoding step); taught the more likely of the two, it settles on one."""
+    both = prob_of_each(*fit_both_orders(gpt2_dir)).tolist()
+    assert sum(both) > 0.9 and all(0.3 < p < 0.7 for p in both), both
+    best = prob_of_each(*fit_both_orders(gpt2_dir, groups=torch.tensor([0, 0]))).tolist()
+    assert max(best) > 0.95, best
+
+
+def test_sampled_reference_follows_the_models_posterior(gpt2_dir):
+    """pick="sample" draws each image's caption with probability p(c_j|z) / sum_k p(c_k|z)."""
+    captioner, z = fit_both_orders(gpt2_dir, steps=60)
+    posterior = prob_of_each(captioner, z)
+    posterior = posterior / posterior.sum()
+    assert 0.1 < posterior[0] < 0.9, posterior  # both plausible, so the draw is not trivial
+    n = 4000  # n images of that scene, each with both captions
+    keep = captioner.pick_references(z[:1].expand(2 * n, -1, -1), BOTH_ORDERS * n,
+                                     torch.arange(n).repeat_interleave(2), pick="sample").view(n, 2)
+    assert keep.sum(1).eq(1).all()  # one caption of each image
+    assert keep[:, 0].float().mean().item() == pytest.approx(posterior[0].item(), abs=0.03)
+    best = captioner.pick_references(z, BOTH_ORDERS, torch.tensor([0, 0]), pick="best")
+    assert best.tolist() == [bool(posterior[0] > 0.5), bool(posterior[0] <= 0.5)]
+
+
+def test_posterior_ref_training_also_commits(gpt2_dir):
+    """Drawn from the posterior, the chosen caption grows likelier and is drawn more often: the
+    captioner ends on one order too, from a start that trains both."""
+    probs = prob_of_each(*fit_both_orders(gpt2_dir, groups=torch.tensor([0, 0]), pick="sample", steps=200))
+    assert max(probs.tolist()) > 0.9, probs
 
 
 def test_frozen_lm_gets_no_grad(gpt2_dir):

@@ -76,6 +76,23 @@ def test_stage2_resumed_run_equals_uninterrupted(world, stage2, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.parametrize("caption_loss", ["best_ref", "posterior_ref"])
+def test_reference_picking_loss_trains_and_resumes_exactly(world, tmp_path, caption_loss):
+    """--caption_loss best_ref|posterior_ref reads every reference of each image of the batch; a
+    resumed run still equals an unbroken one (posterior_ref's draws included)."""
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    argv = dict(caption_loss=caption_loss, finetune_lm=True, max_steps=4, checkpointing_steps=2)
+    assert train_stage2.main(stage2_argv(world, full, **argv)) == 4
+    os.makedirs(resumed)
+    os.link(os.path.join(full, "captioner_2.pt"), os.path.join(resumed, "captioner_2.pt"))
+    assert train_stage2.main(stage2_argv(world, resumed, resume_from="latest", **argv)) == 4
+    a = common.load_checkpoint(os.path.join(full, "captioner_4.pt"), "stage2")["model"]["captioner"]
+    b = common.load_checkpoint(os.path.join(resumed, "captioner_4.pt"), "stage2")["model"]["captioner"]
+    assert any(k.startswith("lm.") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 def test_stage2_with_tiny_llama_and_lora(world, tmp_path):
     out = str(tmp_path / "llama")
     llama = save_tiny_llama(tmp_path / "llama_lm")
