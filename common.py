@@ -25,7 +25,8 @@ PRESETS = {
                        encoder_layers=2, batch_size=128, lr=1e-3, lr_warmup_steps=50, max_steps=1000,
                        checkpointing_steps=250, validation_steps=250, num_validation_images=8),
         "stage2": dict(llm="checkpoints/toy/lm", batch_size=32, lr=1e-3, lr_warmup_steps=50, two_object_repeat=3,
-                       max_steps=1800, checkpointing_steps=600, validation_steps=600),
+                       caption_loss="posterior_ref", max_steps=3600, checkpointing_steps=1200,
+                       validation_steps=1200),
     },
 }
 

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-checkpoints/toy}
 STAGE1_STEPS=${STAGE1_STEPS:-1000}
-STAGE2_STEPS=${STAGE2_STEPS:-1800}
+STAGE2_STEPS=${STAGE2_STEPS:-3600}
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, diffusers, transformers, pycocoevalcap" 2>/dev/null; then
   python3 -m venv .venv
