@@ -32,7 +32,8 @@ class VLV(nn.Module):
     def forward(self, images, captions, groups=None, pick="best"):
         """The stage-2 loss. captions: one per image, or, with groups (LongTensor, caption i belongs
         to images[groups[i]]), all the references of each image, of which the captioner's loss
-        keeps one, the best or a posterior sample (pick: EmbToCaption.forward). A frozen encoder runs without a graph."""
+        keeps one, the best or a posterior sample (pick: EmbToCaption.forward). A frozen encoder
+        runs without a graph."""
         encoder_trains = any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
             prefix = self.prefix(images)
