@@ -538,8 +538,9 @@ def main(argv=None):
     held = [i for i, e in enumerate(entries) if e["heldout"]]
     order = [i for pair in zip(seen, held) for i in pair] + seen[len(held):] + held[len(seen):]
     order = order[:args.num_grid]
-    sample_grid([images[i] for i in order], [captions[i] for i in order], [correct[i] for i in order],
-                os.path.join(tmp_dir, "samples.png"))
+    if order:  # --num_samples_eval 0 samples nothing: no grid
+        sample_grid([images[i] for i in order], [captions[i] for i in order], [correct[i] for i in order],
+                    os.path.join(tmp_dir, "samples.png"))
     timings["total_s"] = time.time() - t_start
     timings["cpu_s"] = time.process_time()  # this process's CPU time: comparable across loaded machines
     metrics = {

@@ -166,55 +166,75 @@ class EmbToCaption(nn.Module):
     def forward(self, z, captions, groups=None, pick="best"):
         """Teacher-forced LM loss: the mean over caption tokens + EOS of the batch.
 
-        groups (LongTensor [B], optional): caption i belongs to image groups[i]; then one caption of
-        each image counts, so the captioner may commit to one of several equally true phrasings (e.g.
-        which of two objects it names first) instead of being pulled towards all of them at once.
+        z [B,L,D] and one caption per row; or, with groups (LongTensor [N], caption i belongs to
+        image groups[i] of z), all the references of each image, of which one counts, so the
+        captioner may commit to one of several equally true phrasings (e.g. which of two objects it
+        names first) instead of being pulled towards all of them at once.
         pick="best": the caption the model finds most likely (multiple-choice learning,
         Guzman-Rivera et al. 2012); pick="sample": one drawn from the model's posterior over the
         image's captions, p(c_j | z) / sum_k p(c_k | z) (Gumbel-max), whose gradient is an unbiased
         estimate of that of the marginal likelihood log sum_j p(c_j | z): it starts as a uniform
         choice and sharpens only as the model commits."""
-        if len(captions) != z.shape[0]:
-            raise ValueError(f"{z.shape[0]} prefixes but {len(captions)} captions")
         if groups is not None:
+            groups = groups.to(z.device)
+            if len(captions) != groups.shape[0]:
+                raise ValueError(f"{len(captions)} captions but {groups.shape[0]} groups")
             keep = self.pick_references(z, captions, groups, pick)
-            z, captions = z[keep], [c for c, k in zip(captions, keep.tolist()) if k]
+            z, captions = z[groups[keep]], [c for c, k in zip(captions, keep.tolist()) if k]
+        elif len(captions) != z.shape[0]:
+            raise ValueError(f"{z.shape[0]} prefixes but {len(captions)} captions")
         nll, token_mask = self.token_nll(z, captions)
         return nll.sum() / token_mask.sum()
 
     @torch.no_grad()
     def pick_references(self, z, captions, groups, pick="best"):
-        """[B] bool: the one caption of each group that the loss trains on (forward's pick)."""
+        """[N] bool: the one caption of each image of z that the loss trains on (forward's pick)."""
         if pick not in ("best", "sample"):
             raise ValueError(f"pick={pick!r}: use 'best' or 'sample'")
+        groups = groups.to(z.device)
         # Scored without a graph and without dropout; only the chosen captions then get a backward
         # pass, one per image, not one per reference.
         was_training = self.training
         self.eval()
         try:
-            score = self.token_nll(z, captions)[0].sum(1)               # [B] -log p(caption | z)
+            score = self.token_nll(z, captions, groups)[0].sum(1)       # [N] -log p(caption | z)
         finally:
             self.train(was_training)
         if pick == "sample":  # argmin of (-log p - Gumbel noise) is a sample of the posterior
             score = score + torch.log(-torch.log(torch.rand_like(score).clamp_min(1e-20)))
-        return best_in_group(score, groups.to(z.device))
+        return best_in_group(score, groups)
 
-    def token_nll(self, z, captions):
-        """-log p of every caption token + EOS given z and the tokens before it: ([B,T], mask [B,T])."""
+    def token_nll(self, z, captions, groups=None):
+        """-log p of every caption token + EOS given z and the tokens before it: ([N,T], mask [N,T]).
+        Caption i is read after the prefix of z[i], or of z[groups[i]] when groups is given: then
+        each image's prefix runs through the LM once and all its captions attend to the same cached
+        keys and values (the prefix is most of the sequence: 77 of ~100 positions on the toy world)."""
         prefix = self.prefix_embeds(z)                                  # [B,P,H], P = L(+1)
         ids = self.tokenize(captions)
-        B, P, T = z.shape[0], prefix.shape[1], max(len(x) for x in ids)
-        tokens = torch.full((B, T), self.pad_id, dtype=torch.long, device=z.device)
-        token_mask = torch.zeros((B, T), dtype=torch.long, device=z.device)
+        N, P, T = len(ids), prefix.shape[1], max(len(x) for x in ids)
+        tokens = torch.full((N, T), self.pad_id, dtype=torch.long, device=z.device)
+        token_mask = torch.zeros((N, T), dtype=torch.long, device=z.device)
         for i, x in enumerate(ids):
             tokens[i, :len(x)] = torch.tensor(x, device=z.device)
             token_mask[i, :len(x)] = 1
-        inputs_embeds = torch.cat([prefix, self.embed_tokens(tokens)], dim=1)       # [B,P+T,H]
-        attention_mask = torch.cat([torch.ones((B, P), dtype=torch.long, device=z.device), token_mask], dim=1)
-        logits = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).logits
+        attention_mask = torch.cat([torch.ones((N, P), dtype=torch.long, device=z.device), token_mask], dim=1)
+        if groups is None:
+            inputs_embeds = torch.cat([prefix, self.embed_tokens(tokens)], dim=1)   # [N,P+T,H]
+            logits = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                             use_cache=False).logits[:, P - 1:-1]                   # [N,T,V]
+        else:
+            groups = groups.to(z.device)
+            out = self.lm(inputs_embeds=prefix, use_cache=True, logits_to_keep=1)
+            logits = out.logits[groups]                                 # [N,1,V]: predicts token 0
+            if T > 1:
+                cache = out.past_key_values
+                cache.batch_select_indices(groups)                      # [B,...] -> [N,...]
+                rest = self.lm(inputs_embeds=self.embed_tokens(tokens[:, :-1]),
+                               attention_mask=attention_mask[:, :-1], past_key_values=cache).logits
+                logits = torch.cat([logits, rest], dim=1)               # [N,T,V]
         # Position P-1+t predicts caption token t; padding counts nothing.
-        nll = F.cross_entropy(logits[:, P - 1:-1].float().transpose(1, 2),
-                              tokens.masked_fill(token_mask == 0, -100), reduction="none")
+        nll = F.cross_entropy(logits.float().transpose(1, 2), tokens.masked_fill(token_mask == 0, -100),
+                              reduction="none")
         return nll, token_mask
 
     # ---- inference ----------------------------------------------------------------------------

@@ -91,8 +91,10 @@ def build_toy_lm(captions, out_dir, seed=0, steps=250, batch_size=8, n_positions
     tokenizer = train_tokenizer(flat, vocab_size)
     tokenizer.model_max_length = n_positions
     eot = tokenizer.eos_token_id
+    # GPT-2's tanh GELU as PyTorch's one fused kernel, not transformers' "gelu_new" written out in
+    # five elementwise ops: the same function, and toy stage 2 steps 1.2x faster on 2 CPU cores.
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, bos_token_id=eot, eos_token_id=eot)
+                        n_head=n_head, bos_token_id=eot, eos_token_id=eot, activation_function="gelu_pytorch_tanh")
     model = GPT2LMHeadModel(config)
     stream = token_stream(captions, tokenizer, seed)
     if len(stream) <= n_positions:  # too few captions for one block: repeat them

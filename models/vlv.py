@@ -37,8 +37,6 @@ class VLV(nn.Module):
         encoder_trains = any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
             prefix = self.prefix(images)
-        if groups is not None:
-            prefix = prefix[groups.to(prefix.device)]  # each image's prefix once per reference
         return self.captioner(prefix, captions, groups, pick)
 
     @torch.no_grad()

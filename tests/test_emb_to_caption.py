@@ -130,10 +130,28 @@ def test_best_ref_loss_is_the_loss_of_each_images_most_likely_reference(gpt2_dir
     with torch.no_grad():
         nll = [captioner.token_nll(z[g:g + 1], [c])[0].sum().item() for g, c in zip(groups.tolist(), captions)]
     best = [min((i for i in range(len(captions)) if groups[i] == g), key=nll.__getitem__) for g in (0, 1)]
-    loss = captioner(z[groups], captions, groups)
+    loss = captioner(z, captions, groups)
     assert loss.item() == pytest.approx(captioner(z, [captions[i] for i in best]).item(), rel=1e-5)
     loss.backward()  # only the chosen references train: the others get no gradient through z
     assert all(p.grad is not None for p in captioner.proj.parameters())
+
+
+@pytest.mark.parametrize("lm", ["gpt2", "llama"])
+def test_shared_prefix_scores_equal_one_prefix_per_caption(lm, gpt2_dir, tmp_path):
+    """Scoring the references of an image against its prefix once (a cached prefix shared by its
+    captions) gives the NLL of reading each caption after its own copy of the prefix."""
+    llm = gpt2_dir if lm == "gpt2" else save_tiny_llama(tmp_path / "tiny_llama")
+    torch.manual_seed(0)
+    captioner = EmbToCaption.from_pretrained(llm, prefix_len=L, prefix_dim=D, freeze_lm=False).eval()
+    z = torch.randn(3, L, D)
+    captions = CAPTIONS + BOTH_ORDERS + [""]       # of unequal lengths, and one of EOS alone
+    groups = torch.tensor([2, 0, 0, 1, 2, 1, 0])[:len(captions)]
+    with torch.no_grad():
+        shared, mask = captioner.token_nll(z, captions, groups)
+        copied, copied_mask = captioner.token_nll(z[groups], captions)
+    assert torch.equal(mask, copied_mask)
+    assert torch.allclose(shared * mask, copied * mask, atol=1e-5)
+    assert captioner.token_nll(z[:1], [""], torch.tensor([0]))[0].shape == (1, 1)
 
 
 def fit_both_orders(gpt2_dir, groups=None, pick="best", steps=100):
@@ -141,8 +159,8 @@ def fit_both_orders(gpt2_dir, groups=None, pick="best", steps=100):
     caption picked per step; returns it and the z."""
     torch.manual_seed(0)
     captioner = EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D, freeze_lm=False)
-    z = torch.randn(1, L, D).expand(2, -1, -1)
-    train(captioner, z, BOTH_ORDERS, steps, lr=1e-2, groups=groups, pick=pick)
+    z = torch.randn(1, L, D).expand(2, -1, -1)  # one z per caption
+    train(captioner, z if groups is None else z[:1], BOTH_ORDERS, steps, lr=1e-2, groups=groups, pick=pick)
     return captioner, z
 
 
@@ -167,11 +185,11 @@ def test_sampled_reference_follows_the_models_posterior(gpt2_dir):
     posterior = posterior / posterior.sum()
     assert 0.1 < posterior[0] < 0.9, posterior  # both plausible, so the draw is not trivial
     n = 4000  # n images of that scene, each with both captions
-    keep = captioner.pick_references(z[:1].expand(2 * n, -1, -1), BOTH_ORDERS * n,
+    keep = captioner.pick_references(z[:1].expand(n, -1, -1), BOTH_ORDERS * n,
                                      torch.arange(n).repeat_interleave(2), pick="sample").view(n, 2)
     assert keep.sum(1).eq(1).all()  # one caption of each image
     assert keep[:, 0].float().mean().item() == pytest.approx(posterior[0].item(), abs=0.03)
-    best = captioner.pick_references(z, BOTH_ORDERS, torch.tensor([0, 0]), pick="best")
+    best = captioner.pick_references(z[:1], BOTH_ORDERS, torch.tensor([0, 0]), pick="best")
     assert best.tolist() == [bool(posterior[0] > 0.5), bool(posterior[0] <= 0.5)]
 
 

@@ -156,3 +156,11 @@ def test_missing_data_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         train_teacher.main(["--data_dir", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "t")])
     assert "data.toy_world" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_no_samples_judged_still_saves_the_teacher(tmp_path):
+    data, out = str(tmp_path / "data"), str(tmp_path / "teacher")
+    toy_world.generate(data, num_train=8, num_val=2, seed=0)
+    train_teacher.main(["--data_dir", data, "--output_dir", out, *TINY, "--num_samples_eval", "0"])
+    assert os.path.isfile(os.path.join(out, "model_index.json"))
+    assert not os.path.exists(os.path.join(out, "samples.png"))
