@@ -208,7 +208,7 @@ class EmbToCaption(nn.Module):
         """-log p of every caption token + EOS given z and the tokens before it: ([N,T], mask [N,T]).
         Caption i is read after the prefix of z[i], or of z[groups[i]] when groups is given: then
         each image's prefix runs through the LM once and all its captions attend to the same cached
-        keys and values (the prefix is most of the sequence: 77 of ~100 positions on the toy world)."""
+        keys and values (the prefix is 77 (+1) positions with SD 2.1, 16 (+1) on the toy world)."""
         prefix = self.prefix_embeds(z)                                  # [B,P,H], P = L(+1)
         ids = self.tokenize(captions)
         N, P, T = len(ids), prefix.shape[1], max(len(x) for x in ids)
