@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 
 import common
 from data.coco import CocoImageCaptionDataset, collate_skip_none
-from models.emb_to_caption import EmbToCaption
+from models.emb_to_caption import EmbToCaption, flatten_references
 from models.vision_to_textemb import VisionToTextEmb
 from models.vlv import VLV, load_stage1
 
@@ -142,9 +142,8 @@ def main(argv=None):
     def compute_loss(batch):  # through DDP, so gradients sync
         if args.caption_loss == "sampled":
             return model(batch["pixel_values"], batch["caption"])
-        refs = [dataset.captions_by_image[int(i)] for i in batch["image_id"]]
-        groups = torch.tensor([g for g, r in enumerate(refs) for _ in r])
-        return model(batch["pixel_values"], [c for r in refs for c in r], groups,
+        captions, groups = flatten_references([dataset.captions_by_image[int(i)] for i in batch["image_id"]])
+        return model(batch["pixel_values"], captions, groups,
                      pick="best" if args.caption_loss == "best_ref" else "sample")
 
     val_items = common.validation_items(dataset, args.num_validation_images)

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.coco import CocoImageCaptionDataset  # noqa: E402
-from models.emb_to_caption import best_in_group  # noqa: E402
+from models.emb_to_caption import best_in_group, flatten_references  # noqa: E402
 from models.vlv import load_vlv  # noqa: E402
 
 
@@ -33,11 +33,10 @@ def main(argv=None):
     batches = []
     for b in range(args.num_batches):
         items = [data[i] for i in range(b * args.batch_size, (b + 1) * args.batch_size)]
-        refs = [data.captions_by_image[int(x["image_id"])] for x in items]
+        captions, groups = flatten_references([data.captions_by_image[int(x["image_id"])] for x in items])
         with torch.no_grad():
             prefix = vlv.prefix(torch.stack([x["pixel_values"] for x in items]))   # [B,L,D]
-        groups = torch.tensor([g for g, r in enumerate(refs) for _ in r])
-        batches.append((prefix, [c for r in refs for c in r], groups))
+        batches.append((prefix, captions, groups))
 
     def score_all(shared):
         start, scores = time.perf_counter(), []

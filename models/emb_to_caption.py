@@ -78,6 +78,12 @@ def best_in_group(scores, groups):
     return keep
 
 
+def flatten_references(refs):
+    """[[caption, ...] for each image] -> (captions, groups): every caption in one list, and the
+    LongTensor [N] of the image each belongs to (the groups of EmbToCaption.forward)."""
+    return [c for r in refs for c in r], torch.tensor([g for g, r in enumerate(refs) for _ in r])
+
+
 class EmbToCaption(nn.Module):
     """z [B,L,D] -> caption. A projection (linear | mlp) maps z to the LM width and is prepended as
     inputs_embeds before the caption tokens; prefix positions are -100 in the labels; an EOS token is
