@@ -27,8 +27,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = common.add_data_args(p, "COCO 2017 root (annotations/, train2017/) or any folder of images", 384)
-    g.add_argument("--cache_latents", action="store_true",
-                   help="encode each image with the VAE once and reuse its latent distribution")
+    g.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=False,
+                   help="encode each image with the VAE once and reuse its latent distribution "
+                        "(the same trajectory as encoding every step; memory: one latent per image)")
     g = p.add_argument_group("model")
     g.add_argument("--sd_model_id", default="stabilityai/stable-diffusion-2-1-base",
                    help="hub id, local diffusers folder, or HF-cache id with HF_HUB_OFFLINE=1")

@@ -18,7 +18,7 @@ def main(argv=None):
     p.add_argument("--data_dir", default="checkpoints/toy/data")
     p.add_argument("--sd_model_id", default="checkpoints/toy/teacher")
     p.add_argument("--subset_ratio", type=float, default=0.16, help="of the train split")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=128, help="the toy preset's")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -29,7 +29,7 @@ def main(argv=None):
                     "--max_steps", "0", "--batch_size", str(args.batch_size), "--validation_steps", "0",
                     "--num_validation_images", "1", "--num_inference_steps", "1",
                     "--checkpointing_steps", "100000", "--num_workers", "0"]
-            train_stage1.main(argv + (["--cache_latents"] if cache else []))
+            train_stage1.main(argv + (["--cache_latents"] if cache else ["--no-cache_latents"]))
             times = json.load(open(os.path.join(out, "summary.json")))["epoch_seconds_and_steps"]
             rows.append((cache, [times[k] for k in sorted(times, key=int)]))
     print(f"stage-1 seconds per step, batch {args.batch_size}, toy preset")

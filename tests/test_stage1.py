@@ -101,6 +101,13 @@ def test_resumed_run_equals_uninterrupted(images_dir, tiny_sd_dir, tmp_path, cac
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_toy_preset_caches_latents_unless_told_not_to(tmp_path):
+    argv = ["--preset", "toy", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path)]
+    assert train_stage1.parse_args(argv).cache_latents
+    assert not train_stage1.parse_args(argv + ["--no-cache_latents"]).cache_latents
+    assert not train_stage1.parse_args(argv[2:]).cache_latents
+
+
 def test_outputs_and_checkpoint_limit(images_dir, tiny_sd_dir, tmp_path):
     out = str(tmp_path / "run")
     train_stage1.main(base_args(images_dir, tiny_sd_dir, out, max_steps=4, checkpointing_steps=1,
