@@ -86,7 +86,7 @@ def main(argv=None):
     size = config["image_size"]
     train_images, train_shapes, train_colours, _ = one_object_scenes(args.train_dir, "train", size, args.num_train)
     val_images, val_shapes, val_colours, heldout = one_object_scenes(args.val_dir, "val", size, None)
-    labels = {"shape": (train_shapes, val_shapes), "colour": (train_colours, val_colours)}
+    labels = [(train_shapes, val_shapes), (train_colours, val_colours)]  # the table's column order
     print(f"{len(train_images)} one-object train scenes; val: {int((~heldout).sum())} seen, "
           f"{int(heldout.sum())} held-out")
     print("| representation | shape: seen val | shape: held-out val | colour: seen val | colour: held-out val |")
@@ -94,7 +94,7 @@ def main(argv=None):
     for name, fn in represent.items():
         train_x, val_x = features(fn, train_images), features(fn, val_images)
         cells = []
-        for attr, (train_names, val_names) in labels.items():
+        for train_names, val_names in labels:
             classes = sorted(set(train_names))
             right = probe_accuracy(train_x, torch.tensor([classes.index(c) for c in train_names]),
                                    val_x, torch.tensor([classes.index(c) for c in val_names]))
