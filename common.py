@@ -2,6 +2,7 @@
 
 Written once here so every stage saves, resumes and logs the same way (DESIGN.md, Conventions).
 """
+import argparse
 import json
 import os
 import random
@@ -45,8 +46,13 @@ def parse_with_preset(parser, argv=None, stage=None):
     pre, _ = parser.parse_known_args(argv)
     if pre.preset:
         preset = {**PRESETS[pre.preset].get("all", {}), **PRESETS[pre.preset].get(stage, {})}
-        known = {action.dest for action in parser._actions}
-        parser.set_defaults(**{k: v for k, v in preset.items() if k in known})
+        actions = {action.dest: action for action in parser._actions}
+        for k, v in preset.items():
+            # a store_true flag the preset turns on could not be turned off again from the command line
+            if isinstance(actions.get(k), argparse._StoreTrueAction) and v:
+                raise ValueError(f"preset {pre.preset!r} sets --{k}, a store_true flag no command line can "
+                                 f"unset: declare it with action=argparse.BooleanOptionalAction")
+        parser.set_defaults(**{k: v for k, v in preset.items() if k in actions})
     return parser.parse_args(argv)
 
 

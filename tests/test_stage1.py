@@ -11,6 +11,7 @@ from PIL import Image
 
 import common
 import train_stage1
+import train_stage2
 from models.frozen_sd21 import FrozenSD
 from models.vision_to_textemb import VisionToTextEmb
 
@@ -106,6 +107,17 @@ def test_toy_preset_caches_latents_unless_told_not_to(tmp_path):
     assert train_stage1.parse_args(argv).cache_latents
     assert not train_stage1.parse_args(argv + ["--no-cache_latents"]).cache_latents
     assert not train_stage1.parse_args(argv[2:]).cache_latents
+
+
+@pytest.mark.parametrize("preset", sorted(common.PRESETS))
+def test_presets_parse_and_never_set_a_flag_that_cannot_be_unset(preset, tmp_path, monkeypatch):
+    argv = ["--preset", preset, "--data_dir", str(tmp_path), "--output_dir", str(tmp_path)]
+    assert train_stage1.parse_args(argv).preset == preset
+    assert train_stage2.parse_args(argv + ["--stage1_ckpt", "s1.pt"]).preset == preset
+    monkeypatch.setitem(common.PRESETS[preset], "stage1", {**common.PRESETS[preset].get("stage1", {}),
+                                                          "use_ema": True})
+    with pytest.raises(ValueError, match=f"preset '{preset}' sets --use_ema, a store_true flag"):
+        train_stage1.parse_args(argv)
 
 
 def test_outputs_and_checkpoint_limit(images_dir, tiny_sd_dir, tmp_path):
