@@ -102,13 +102,28 @@ def test_rerun_replaces_the_folder_epsilon_bf16(teacher, tmp_path):
     # an existing teacher is replaced whole by a new run
     train_teacher.main(["--data_dir", data, "--output_dir", out, "--seed", "2", "--prediction_type",
                         "epsilon", *TINY, "--max_steps", "1", "--vae_steps", "1",
-                        "--mixed_precision", "bf16", "--two_object_weight", "3"])
+                        "--mixed_precision", "bf16", "--two_object_weight", "3", "--snr_gamma", "5"])
     with open(os.path.join(out, "scheduler", "scheduler_config.json")) as f:
         config = json.load(f)
     # epsilon cannot be predicted at zero SNR, so SD's schedule is kept as it is
     assert config["prediction_type"] == "epsilon" and not config["rescale_betas_zero_snr"]
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["args"]["seed"] == 2
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_min_snr_weights(prediction_type):
+    scheduler = train_teacher.build_scheduler(train_teacher.parse_args(["--prediction_type", prediction_type]))
+    t = torch.arange(0, 1000, 37)
+    a = scheduler.alphas_cumprod[t].double()
+    snr = a / (1 - a)
+    got = train_teacher.loss_weights(scheduler, t, 5.0).double()
+    if prediction_type == "v_prediction":  # the v error is the x0 error times (SNR + 1)
+        torch.testing.assert_close(got, snr.clamp(max=5) / (snr + 1), rtol=1e-4, atol=1e-6)
+        assert got[-1] < 1e-3  # near zero terminal SNR the x0 error is worth nothing
+    else:  # the noise error is the x0 error times SNR: low-noise steps weigh gamma / SNR, the rest 1
+        torch.testing.assert_close(got, torch.where(snr > 5, 5 / snr, torch.ones_like(snr)), rtol=1e-4, atol=1e-6)
+    assert torch.equal(train_teacher.loss_weights(scheduler, t, 0.0), torch.ones(len(t)))
 
 
 def test_contrastive_pretraining_matches_captions_to_latents():
