@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+import common
 from data.judge import judge_image
 from data.toy_world import accuracy, attribute_scores, caption_vocabulary, load_split
 
@@ -139,14 +140,14 @@ def load_images(data_dir, split, image_size):
     """All images of a split in memory (the toy world is small): uint8 [N,3,S,S], entries, captions."""
     entries, captions = load_split(data_dir, split)
     if not entries:
-        raise SystemExit(f"error: {data_dir}: the {split} split has no images; regenerate the toy world")
+        common.die(f"{data_dir}: the {split} split has no images; regenerate the toy world")
     pixels = np.empty((len(entries), image_size, image_size, 3), np.uint8)
     for i, e in enumerate(entries):
         path = os.path.join(data_dir, f"{split}2017", e["file_name"])
         try:
             img = Image.open(path).convert("RGB")
         except OSError:
-            raise SystemExit(f"error: {path}: cannot read the image; regenerate the toy world") from None
+            common.die(f"{path}: cannot read the image; regenerate the toy world")
         if img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.BOX)
         pixels[i] = np.asarray(img)
@@ -208,7 +209,7 @@ def build_unet(args, latent_channels, latent_size):
     from diffusers import UNet2DConditionModel
     ch, attn = ints(args.unet_channels), ints(args.unet_attn)
     if len(ch) != len(attn):
-        raise SystemExit("error: --unet_attn needs one 0/1 per --unet_channels level")
+        common.die("--unet_attn needs one 0/1 per --unet_channels level")
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
     return UNet2DConditionModel(
@@ -457,8 +458,8 @@ def main(argv=None):
         try:
             vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval().requires_grad_(False)
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --vae_from {args.vae_from}: no VAE there ({type(e).__name__}); "
-                             f"pass a teacher folder this script wrote") from None
+            common.die(f"--vae_from {args.vae_from}: no VAE there ({type(e).__name__}); "
+                       f"pass a teacher folder this script wrote")
     else:
         vae = build_vae(args)
         train_vae(args, vae, train_pixels, gen)

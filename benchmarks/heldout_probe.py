@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 from data.coco import CocoImagesOnlyDataset  # noqa: E402
 from models.vlv import load_stage1, load_vlv  # noqa: E402
 
@@ -28,8 +29,8 @@ def one_object_scenes(data_dir, split, image_size, limit):
     for i, image_id in enumerate(data.image_ids):
         info = data.images_info[image_id]
         if "scene" not in info:
-            raise SystemExit(f"error: {data_dir}: not a toy world (its images have no scene); "
-                             f"generate one with `python -m data.toy_world`")
+            common.die(f"{data_dir}: not a toy world (its images have no scene); "
+                       f"generate one with `python -m data.toy_world`")
         if len(info["scene"]["objects"]) != 1:
             continue
         (obj,) = info["scene"]["objects"]
@@ -80,7 +81,7 @@ def main(argv=None):
     for spec in args.stage2_ckpt:
         name, sep, path = spec.partition("=")
         if not sep:
-            raise SystemExit(f"error: --stage2_ckpt {spec}: give it as NAME=PATH")
+            common.die(f"--stage2_ckpt {spec}: give it as NAME=PATH")
         represent[f"stage-2 prefix ({name})"] = load_vlv(args.stage1_ckpt, path).prefix
 
     size = config["image_size"]
