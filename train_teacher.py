@@ -18,6 +18,11 @@ Three phases on one CPU:
 At the end the saved folder is reloaded, samples are drawn for val captions (DDIM, guidance against
 the empty caption) and the pixel judge scores them: metrics.json, samples.png.
 
+Checkpoints of everything trained so far (VAE, text encoder, UNet, EMA, optimizer, RNG) go to
+OUTPUT_DIR.checkpoints/teacher_{step}.pt at the start of phase 3 and every --checkpointing_steps
+UNet steps; `--resume_from latest` continues a killed run on the same trajectory, and the folder
+is removed once the teacher is saved.
+
     python train_teacher.py --data_dir checkpoints/toy/data --output_dir checkpoints/toy/teacher
 """
 import argparse
@@ -64,6 +69,11 @@ def parse_args(argv=None):
                    help="torch threads; 0 keeps torch's default (on a CPU shared with other jobs, 1 "
                         "can be much faster than 2)")
     p.add_argument("--log_every", type=int, default=100)
+    p.add_argument("--resume_from", default=None,
+                   help="latest (the newest checkpoint in OUTPUT_DIR.checkpoints, or a fresh start if "
+                        "there is none) or a teacher_{step}.pt; the run must have the same settings")
+    p.add_argument("--checkpointing_steps", type=int, default=200,
+                   help="UNet steps between checkpoints (only the newest is kept); 0: none")
     p.add_argument("--mixed_precision", default="bf16", choices=["no", "bf16"],
                    help="bf16: the UNet's forward under CPU autocast (weights, loss and EMA stay fp32)")
     g = p.add_argument_group("VAE (phase 1)")
@@ -429,6 +439,35 @@ def evaluate_folder(folder, args, val_entries, val_captions):
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoints: a killed run resumes on the same trajectory
+
+# Flags that do not change what is trained: a resumed run may give them other values.
+FREE_ON_RESUME = {"output_dir", "resume_from", "checkpointing_steps", "num_threads", "log_every", "vae_from",
+                  "num_samples_eval", "guidance_scale", "num_inference_steps", "num_grid"}
+
+
+def load_resume_state(path, args):
+    state = common.load_checkpoint(path, "teacher")
+    differ = sorted(k for k, v in vars(args).items()
+                    if k not in FREE_ON_RESUME and state["args"].get(k) != v)
+    if differ:
+        was = ", ".join(f"--{k} {state['args'].get(k)}" for k in differ)
+        common.die(f"{path} was written by a run with other settings ({was}); resume with those, "
+                   f"or delete {os.path.dirname(path)} to start afresh")
+    return state
+
+
+def save_resume_state(ckpt_dir, step, state):
+    """teacher_{step}.pt, written atomically; older ones go (each holds everything, ~4x the UNet)."""
+    path = os.path.join(ckpt_dir, f"teacher_{step}.pt")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    common.save_checkpoint(path, {"kind": "teacher", "step": step, **state})
+    for old in common.list_checkpoints(ckpt_dir, "teacher"):
+        if old != path:
+            os.remove(old)
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
@@ -451,9 +490,22 @@ def main(argv=None):
     empty_tokens = tokenize(tokenizer, [""], args.max_length)                   # [1,L]
     print(f"{len(train_pixels)} train / {len(val_pixels)} val images, vocab {len(tokenizer)}", flush=True)
 
+    out_dir = os.path.abspath(args.output_dir)
+    ckpt_dir = f"{out_dir}.checkpoints"
+    resume = common.resolve_resume(args.resume_from, ckpt_dir, "teacher")
+    state = load_resume_state(resume, args) if resume else None
+    if state:
+        print(f"resuming from {resume} (UNet step {state['step']})", flush=True)
+        timings.update(state["timings"])
+
     # ---- phase 1: VAE ----
     t0 = time.time()
-    if args.vae_from:
+    if state:
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_config(state["vae_config"])
+        vae.load_state_dict(state["vae"])
+        vae.eval().requires_grad_(False)
+    elif args.vae_from:
         from diffusers import AutoencoderKL
         try:
             vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval().requires_grad_(False)
@@ -463,10 +515,14 @@ def main(argv=None):
     else:
         vae = build_vae(args)
         train_vae(args, vae, train_pixels, gen)
-    timings["vae_train_s"] = time.time() - t0
+    if not state:
+        timings["vae_train_s"] = time.time() - t0
     mean, std = encode_all(vae, train_pixels)                                   # [N,C,h,w] each
-    sample = mean + std * torch.randn(mean.shape, generator=gen)
-    scaling = float(1.0 / sample.std())
+    if state:
+        scaling = state["scaling"]
+    else:
+        sample = mean + std * torch.randn(mean.shape, generator=gen)
+        scaling = float(1.0 / sample.std())
     vae.register_to_config(scaling_factor=scaling)
     val_mean, _ = encode_all(vae, val_pixels)
     recon = decode_to_uint8(vae, val_mean)
@@ -476,9 +532,13 @@ def main(argv=None):
 
     # ---- phase 2: text encoder, contrastive ----
     text_encoder = build_text_encoder(args, tokenizer)
-    t0 = time.time()
-    clip_acc = pretrain_text_encoder(args, text_encoder, mean * scaling, train_tokens, gen)
-    timings["clip_train_s"] = time.time() - t0
+    if state:
+        text_encoder.load_state_dict(state["text_encoder"])
+        clip_acc = state["clip_acc"]
+    else:
+        t0 = time.time()
+        clip_acc = pretrain_text_encoder(args, text_encoder, mean * scaling, train_tokens, gen)
+        timings["clip_train_s"] = time.time() - t0
 
     # ---- phase 3: UNet (+ text encoder when --text_encoder_lr_scale > 0) ----
     unet = build_unet(args, mean.shape[1], mean.shape[-1])
@@ -500,9 +560,31 @@ def main(argv=None):
     ema = [p.detach().clone() for p in params] if args.ema_decay > 0 else None
     draw_weights = torch.tensor([args.two_object_weight if len(e["scene"]["objects"]) == 2 else 1.0
                                  for e in train_entries])
+    start = 0
+    if state:
+        unet.load_state_dict(state["unet"])
+        opt.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        if ema is not None:
+            torch._foreach_copy_(ema, state["ema"])
+        gen.set_state(state["gen"])
+        common.set_rng_state(state["rng"])
+        start = state["step"]
+
+    def checkpoint(step):
+        if args.checkpointing_steps > 0:
+            save_resume_state(ckpt_dir, step, {
+                "args": vars(args), "vae_config": dict(vae.config), "vae": vae.state_dict(), "scaling": scaling,
+                "text_encoder": text_encoder.state_dict(), "clip_acc": clip_acc,
+                "unet": unet.state_dict(), "ema": ema, "optimizer": opt.state_dict(),
+                "lr_scheduler": lr_sched.state_dict(), "gen": gen.get_state(), "rng": common.rng_state(),
+                "timings": {**timings, "unet_train_s": time.time() - t0}})
+
     unet.train()
-    t0, running = time.time(), []
-    for step in range(args.max_steps):
+    t0, running = time.time() - timings.get("unet_train_s", 0.0), []
+    if not state:
+        checkpoint(0)  # phases 1 and 2 are kept from here on
+    for step in range(start, args.max_steps):
         idx = torch.multinomial(draw_weights, args.batch_size, replacement=True, generator=gen)
         which = torch.randint(0, k, (args.batch_size,), generator=gen)
         ids = train_tokens[idx, which]                                          # [B,L]
@@ -532,6 +614,8 @@ def main(argv=None):
             print(f"step {step:5d}  loss {np.mean(running):.4f}  lr {lr_sched.get_last_lr()[0]:.2e}  "
                   f"{time.time() - t0:6.1f}s", flush=True)
             running = []
+        if step + 1 == args.max_steps or (args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0):
+            checkpoint(step + 1)
     timings["unet_train_s"] = time.time() - t0
     if ema is not None:
         with torch.no_grad():
@@ -541,7 +625,6 @@ def main(argv=None):
     text_encoder.eval()
 
     # ---- save (temp folder, then one rename), evaluate the saved folder ----
-    out_dir = os.path.abspath(args.output_dir)
     tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -582,6 +665,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     os.replace(tmp_dir, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the teacher is saved: nothing left to resume
 
     print(markdown_table(sample_groups, f"samples (g={args.guidance_scale})"))
     print(f"saved {out_dir}  ({timings['total_s']:.0f}s: vae {timings['vae_train_s']:.0f}s, "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole toy world end to end on a CPU: set up, data, teacher, toy LM, stage 1, stage 2, then
 # captions and regenerated images of val images and the metrics table.
-# Re-running reuses what is on disk (data, teacher, LM) and resumes the training stages.
+# Re-running reuses what is on disk (data, teacher, LM) and resumes the training stages (the teacher too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-checkpoints/toy}
@@ -26,7 +26,8 @@ timed() {  # timed NAME command...: run it, remember its wall time
 [ -f "$OUT/data/annotations/captions_val2017.json" ] || \
   timed "toy world" $PY -m data.toy_world --out_dir "$OUT/data" --num_train 20000 --num_val 200 --seed 0
 [ -f "$OUT/teacher/model_index.json" ] || \
-  timed "teacher (text-to-image)" $PY train_teacher.py --data_dir "$OUT/data" --output_dir "$OUT/teacher"
+  timed "teacher (text-to-image)" $PY train_teacher.py --data_dir "$OUT/data" --output_dir "$OUT/teacher" \
+    --resume_from latest
 [ -f "$OUT/lm/config.json" ] || \
   timed "toy LM" $PY -m models.toy_lm --data_dir "$OUT/data" --out_dir "$OUT/lm"
 timed "stage 1 (distillation)" $PY train_stage1.py --preset toy --data_dir "$OUT/data" \

@@ -111,6 +111,45 @@ def test_rerun_replaces_the_folder_epsilon_bf16(teacher, tmp_path):
         assert json.load(f)["args"]["seed"] == 2
 
 
+def weights(folder, part):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, part, "diffusion_pytorch_model.safetensors" if part != "text_encoder"
+                                  else "model.safetensors"))
+
+
+def test_killed_run_resumes_to_the_same_teacher(teacher, tmp_path, monkeypatch):
+    _, data, _, _ = teacher
+    argv = ["--data_dir", data, "--seed", "3", *TINY, "--max_steps", "5", "--checkpointing_steps", "2",
+            "--num_samples_eval", "0"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    train_teacher.main([*argv, "--output_dir", straight])
+    assert not os.path.exists(straight + ".checkpoints")  # removed once the teacher is saved
+
+    # Killed during UNet step 4 (after the step-2 checkpoint): no teacher, one checkpoint.
+    calls = []
+    real = train_teacher.loss_weights
+
+    def dies_at_step_4(*a):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(train_teacher, "loss_weights", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher.main([*argv, "--output_dir", killed])
+    monkeypatch.setattr(train_teacher, "loss_weights", real)
+    assert not os.path.exists(killed)
+    assert os.listdir(killed + ".checkpoints") == ["teacher_2.pt"]
+
+    with pytest.raises(SystemExit, match=r"other settings \(--lr 0.001\); resume with those"):
+        train_teacher.main([*argv, "--output_dir", killed, "--resume_from", "latest", "--lr", "5e-3"])
+    train_teacher.main([*argv, "--output_dir", killed, "--resume_from", "latest"])
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = weights(straight, part), weights(killed, part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert not os.path.exists(killed + ".checkpoints")
+
+
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
 def test_min_snr_weights(prediction_type):
     scheduler = train_teacher.build_scheduler(train_teacher.parse_args(["--prediction_type", prediction_type]))
