@@ -1,0 +1,64 @@
+"""Teacher UNet training step: fp32 or bf16 autocast, with SDPA's attention (diffusers' default) or
+diffusers' plain-matmul AttnProcessor. The UNet is the one `train_teacher.py` builds (its default
+flags) on the toy world's 8x8x8 latents; the settings take turns, so a machine whose speed drifts
+slows them all alike, and the best of the rounds is reported.
+
+    python benchmarks/teacher_step.py
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_teacher  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch_size", type=int, default=128, help="the teacher's batch")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per setting and round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--num_threads", type=int, default=0, help="0: torch's default")
+    args = p.parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    unet = train_teacher.build_unet(train_teacher.parse_args([]), latent_channels=8, latent_size=8)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    b = args.batch_size
+    noisy, t, cond = torch.randn(b, 8, 8, 8), torch.randint(0, 1000, (b,)), torch.randn(b, 16, 64)
+
+    def step(bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        pred.float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    settings = [("fp32", False, AttnProcessor2_0), ("fp32", False, AttnProcessor),
+                ("bf16 autocast", True, AttnProcessor2_0), ("bf16 autocast", True, AttnProcessor)]
+    best = [float("inf")] * len(settings)
+    for _ in range(args.rounds):
+        for i, (_, bf16, processor) in enumerate(settings):
+            unet.set_attn_processor(processor())
+            step(bf16)  # warm-up: kernel selection for this setting
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(bf16)
+            best[i] = min(best[i], (time.perf_counter() - start) / args.steps)
+    print(f"teacher UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters), batch {b}, "
+          f"{torch.get_num_threads()} CPU threads, best of {args.rounds} rounds of {args.steps} steps")
+    print("| precision | attention | s per training step |")
+    print("|---|---|---|")
+    for (precision, _, processor), seconds in zip(settings, best):
+        name = "SDPA (`AttnProcessor2_0`)" if processor is AttnProcessor2_0 else "plain matmuls (`AttnProcessor`)"
+        print(f"| {precision} | {name} | {seconds:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
