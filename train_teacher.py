@@ -499,14 +499,13 @@ def main(argv=None):
         timings.update(state["timings"])
 
     # ---- phase 1: VAE ----
+    from diffusers import AutoencoderKL
     t0 = time.time()
     if state:
-        from diffusers import AutoencoderKL
         vae = AutoencoderKL.from_config(state["vae_config"])
         vae.load_state_dict(state["vae"])
         vae.eval().requires_grad_(False)
     elif args.vae_from:
-        from diffusers import AutoencoderKL
         try:
             vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval().requires_grad_(False)
         except (OSError, ValueError) as e:

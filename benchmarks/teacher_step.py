@@ -1,7 +1,7 @@
 """Teacher UNet training step: fp32 or bf16 autocast, with SDPA's attention (diffusers' default) or
-diffusers' plain-matmul AttnProcessor. The UNet is the one `train_teacher.py` builds (its default
-flags) on the toy world's 8x8x8 latents; the settings take turns, so a machine whose speed drifts
-slows them all alike, and the best of the rounds is reported.
+diffusers' plain-matmul AttnProcessor. The UNet is the one `train_teacher.py` builds with its
+default flags, on latents of their shape (8x8x8 for the toy world's 32 px); the settings take
+turns, so a machine whose speed drifts slows them all alike, and the best of the rounds is reported.
 
     python benchmarks/teacher_step.py
 """
@@ -28,10 +28,14 @@ def main(argv=None):
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     torch.manual_seed(0)
-    unet = train_teacher.build_unet(train_teacher.parse_args([]), latent_channels=8, latent_size=8)
+    teacher = train_teacher.parse_args([])
+    c = teacher.latent_channels
+    size = teacher.image_size // 2 ** (len(train_teacher.ints(teacher.vae_channels)) - 1)  # one halving per VAE block
+    unet = train_teacher.build_unet(teacher, latent_channels=c, latent_size=size)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     b = args.batch_size
-    noisy, t, cond = torch.randn(b, 8, 8, 8), torch.randint(0, 1000, (b,)), torch.randn(b, 16, 64)
+    noisy, t = torch.randn(b, c, size, size), torch.randint(0, 1000, (b,))
+    cond = torch.randn(b, teacher.max_length, teacher.text_width)       # the text encoder's [B,L,D]
 
     def step(bf16):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
