@@ -497,6 +497,12 @@ def main(argv=None):
     if state:
         print(f"resuming from {resume} (UNet step {state['step']})", flush=True)
         timings.update(state["timings"])
+    # Wall and CPU seconds count the processes this run resumed from (up to their last checkpoint).
+    spent_before = {k: timings.pop(k, 0.0) for k in ("total_s", "cpu_s")}
+
+    def spent():
+        return {"total_s": spent_before["total_s"] + time.time() - t_start,
+                "cpu_s": spent_before["cpu_s"] + time.process_time()}  # CPU time: comparable across loaded machines
 
     # ---- phase 1: VAE ----
     from diffusers import AutoencoderKL
@@ -583,7 +589,7 @@ def main(argv=None):
                 "text_encoder": text_encoder.state_dict(), "clip_acc": clip_acc,
                 "unet": unet.state_dict(), "ema": ema, "optimizer": opt.state_dict(),
                 "lr_scheduler": lr_sched.state_dict(), "gen": gen.get_state(), "rng": common.rng_state(),
-                "timings": {**timings, "unet_train_s": time.time() - t0}})
+                "timings": {**timings, **spent(), "unet_train_s": time.time() - t0}})
 
     unet.train()
     t0, running = time.time() - timings.get("unet_train_s", 0.0), []
@@ -649,8 +655,7 @@ def main(argv=None):
     if order:  # --num_samples_eval 0 samples nothing: no grid
         sample_grid([images[i] for i in order], [captions[i] for i in order], [correct[i] for i in order],
                     os.path.join(tmp_dir, "samples.png"))
-    timings["total_s"] = time.time() - t_start
-    timings["cpu_s"] = time.process_time()  # this process's CPU time: comparable across loaded machines
+    timings.update(spent())
     metrics = {
         "samples": sample_groups,
         "vae_reconstruction": vae_groups,

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -143,7 +144,14 @@ def test_killed_run_resumes_to_the_same_teacher(teacher, tmp_path, monkeypatch):
 
     with pytest.raises(SystemExit, match=r"other settings \(--lr 0.001\); resume with those"):
         train_teacher.main([*argv, "--output_dir", killed, "--resume_from", "latest", "--lr", "5e-3"])
+    before = torch.load(os.path.join(killed + ".checkpoints", "teacher_2.pt"), weights_only=True)["timings"]
+    start = time.time()
     train_teacher.main([*argv, "--output_dir", killed, "--resume_from", "latest"])
+    wall = time.time() - start
+    with open(os.path.join(killed, "metrics.json")) as f:
+        total = json.load(f)["timings"]["total_s"]
+    # The run's time counts the killed process up to its checkpoint as well as the resumed one.
+    assert before["total_s"] + wall - 1.0 <= total <= before["total_s"] + wall + 0.1
     for part in ("unet", "vae", "text_encoder"):
         a, b = weights(straight, part), weights(killed, part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
