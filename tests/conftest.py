@@ -103,6 +103,15 @@ def put_in_hf_cache(folder, cache_dir, repo_id, revision="0123456789abcdef012345
     return str(cache_dir)
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each test's training runs start as in a new process: accelerate keeps one process-wide
+    state, which refuses an Accelerator of another mixed precision than the first one made."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A tiny epsilon-prediction SD folder (16 px images, 8x8x4 latents, L=16, D=32)."""

@@ -81,15 +81,15 @@ def test_loss_falls_when_overfitting(images_dir, tiny_sd_dir, tmp_path):
     assert after < before - 0.02, (before, after)
 
 
-@pytest.mark.parametrize("cache", [False, True])
-def test_resumed_run_equals_uninterrupted(images_dir, tiny_sd_dir, tmp_path, cache):
+@pytest.mark.parametrize("cache,precision", [(False, "no"), (True, "no"), (True, "bf16")])
+def test_resumed_run_equals_uninterrupted(images_dir, tiny_sd_dir, tmp_path, cache, precision):
     # Batch 2 of 8 images: 4 steps per epoch, so step 3 is mid-epoch and step 6 in the next one.
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train_stage1.main(base_args(images_dir, tiny_sd_dir, straight))
+    train_stage1.main(base_args(images_dir, tiny_sd_dir, straight, mixed_precision=precision))
     os.makedirs(resumed)
     # A run killed after its step-3 checkpoint: only that file survives.
     os.link(os.path.join(straight, "vision_encoder_3.pt"), os.path.join(resumed, "vision_encoder_3.pt"))
-    extra = {"resume_from": "latest"}
+    extra = {"resume_from": "latest", "mixed_precision": precision}
     argv = base_args(images_dir, tiny_sd_dir, resumed, **extra) + (["--cache_latents"] if cache else [])
     assert train_stage1.main(argv) == 6
     a = encoder_weights(os.path.join(straight, "vision_encoder_6.pt"))
@@ -100,6 +100,18 @@ def test_resumed_run_equals_uninterrupted(images_dir, tiny_sd_dir, tmp_path, cac
     # and training did change the weights
     c = encoder_weights(os.path.join(straight, "vision_encoder_3.pt"))
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_bf16_on_a_cpu_takes_the_math_attention_kernel():
+    # SDPA's backend flags are global; the CPU dispatch reads the same ones as CUDA's.
+    flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.math_sdp_enabled)
+    before = [f() for f in flags]
+    with common.attention_kernel("cpu", "bf16"):
+        assert [f() for f in flags] == [False, True]
+    assert [f() for f in flags] == before
+    for device, precision in [("cpu", "no"), ("cuda", "bf16"), ("cuda", "fp16")]:
+        with common.attention_kernel(device, precision):
+            assert [f() for f in flags] == before, (device, precision)
 
 
 def test_toy_preset_caches_latents_unless_told_not_to(tmp_path):
