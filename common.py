@@ -149,7 +149,7 @@ def attention_kernel(device, mixed_precision):
     """The context for a training step's forward and backward: on a CPU in bf16, SDPA's plain
     math kernel. PyTorch's CPU flash-attention backward in bf16 is slow at the toy sizes (a few
     heads of 16-32 dims over 16-64 positions): 41 ms a call, against 3.5 ms in fp32, a quarter of
-    a bf16 stage-1 step (README, bf16 on CPU). Elsewhere: the default kernel choice."""
+    a bf16 stage-1 step (README, "bf16 on the CPU"). Elsewhere: the default kernel choice."""
     if torch.device(device).type == "cpu" and mixed_precision == "bf16":
         from torch.nn.attention import SDPBackend, sdpa_kernel
         return sdpa_kernel([SDPBackend.MATH])

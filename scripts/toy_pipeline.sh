@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-checkpoints/toy}
 STAGE1_STEPS=${STAGE1_STEPS:-1000}
 STAGE2_STEPS=${STAGE2_STEPS:-3600}
-TEACHER_STEPS=${TEACHER_STEPS:-1200}
+TEACHER_STEPS=${TEACHER_STEPS:-800}
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, diffusers, transformers, pycocoevalcap" 2>/dev/null; then
   python3 -m venv .venv
@@ -28,7 +28,7 @@ timed() {  # timed NAME command...: run it, remember its wall time
   timed "toy world" $PY -m data.toy_world --out_dir "$OUT/data" --num_train 20000 --num_val 200 --seed 0
 [ -f "$OUT/teacher/model_index.json" ] || \
   timed "teacher (text-to-image)" $PY train_teacher.py --data_dir "$OUT/data" --output_dir "$OUT/teacher" \
-    --snr_gamma 5 --max_steps "$TEACHER_STEPS" --resume_from latest  # half the default's steps: README, Min-SNR-gamma
+    --snr_gamma 5 --max_steps "$TEACHER_STEPS" --resume_from latest  # a third of the default's steps: README, Min-SNR-gamma
 [ -f "$OUT/lm/config.json" ] || \
   timed "toy LM" $PY -m models.toy_lm --data_dir "$OUT/data" --out_dir "$OUT/lm"
 timed "stage 1 (distillation)" $PY train_stage1.py --preset toy --data_dir "$OUT/data" \
