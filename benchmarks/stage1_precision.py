@@ -21,21 +21,21 @@ import train_stage1  # noqa: E402
 from models.frozen_sd21 import FrozenSD  # noqa: E402
 from models.vision_to_textemb import VisionToTextEmb  # noqa: E402
 
-SETTINGS = {  # name: (mixed_precision, the attention context of the step)
-    "fp32": ("no", lambda: contextlib.nullcontext()),
-    "bf16, SDPA's default kernel (flash)": ("bf16", lambda: contextlib.nullcontext()),
-    "bf16, math kernel (train_stage1)": ("bf16", lambda: common.attention_kernel("cpu", "bf16")),
+SETTINGS = {  # name: (weight dtype, the attention context of the step)
+    "fp32": (torch.float32, contextlib.nullcontext),
+    "bf16, SDPA's default kernel (flash)": (torch.bfloat16, contextlib.nullcontext),
+    "bf16, math kernel (train_stage1)": (torch.bfloat16, lambda: common.attention_kernel("cpu", "bf16")),
 }
 
 
-def make_step(sd_model_id, mixed_precision, attention, batch_size, image_size, preset):
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
-    sd = FrozenSD.from_pretrained(sd_model_id, dtype=dtype)
+def make_step(sd, attention, preset):
+    """One stage-1 step of a fresh toy encoder on the frozen `sd` (its weight dtype sets the precision)."""
+    dtype = sd.unet.dtype
     torch.manual_seed(0)
     encoder = VisionToTextEmb(sd.seq_len, sd.embed_dim, preset.backbone, "none",
                               width=preset.encoder_width, num_layers=preset.encoder_layers)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-3)
-    images = torch.rand(batch_size, 3, image_size, image_size)
+    images = torch.rand(preset.batch_size, 3, preset.image_size, preset.image_size)
     mean, std = sd.latent_dist(images)  # the latent cache's posterior
 
     def step():
@@ -59,8 +59,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     # The toy preset's encoder and batch: parsed, not copied.
     preset = train_stage1.parse_args(["--preset", "toy", "--data_dir", ".", "--output_dir", "."])
-    steps = {name: make_step(args.sd_model_id, mp, attention, preset.batch_size, preset.image_size, preset)
-             for name, (mp, attention) in SETTINGS.items()}
+    sds = {dtype: FrozenSD.from_pretrained(args.sd_model_id, dtype=dtype)  # one per precision, shared
+           for dtype, _ in SETTINGS.values()}
+    steps = {name: make_step(sds[dtype], attention, preset) for name, (dtype, attention) in SETTINGS.items()}
     times = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
