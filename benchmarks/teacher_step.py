@@ -2,6 +2,8 @@
 diffusers' plain-matmul AttnProcessor. The UNet is the one `train_teacher.py` builds with its
 default flags, on latents of their shape (8x8x8 for the toy world's 32 px); the settings take
 turns, so a machine whose speed drifts slows them all alike, and the best of the rounds is reported.
+Then the VAE's step (phase 1, `train_teacher.train_vae` itself on random 32 px images), fp32
+against bf16 autocast, taking turns likewise.
 
     python benchmarks/teacher_step.py
 """
@@ -62,6 +64,27 @@ def main(argv=None):
     for (precision, _, processor), seconds in zip(settings, best):
         name = "SDPA (`AttnProcessor2_0`)" if processor is AttnProcessor2_0 else "plain matmuls (`AttnProcessor`)"
         print(f"| {precision} | {name} | {seconds:.3f} |")
+
+    vae_best = {}
+    for _ in range(args.rounds):
+        for precision in ("no", "bf16"):
+            vae_args = train_teacher.parse_args(["--vae_steps", str(args.steps + 1), "--log_every", "1000",
+                                                 "--mixed_precision", precision])
+            vae = train_teacher.build_vae(vae_args)
+            pixels = torch.randint(0, 256, (256, 3, vae_args.image_size, vae_args.image_size), dtype=torch.uint8)
+            gen = torch.Generator().manual_seed(0)
+            train_teacher.train_vae(vae_args, vae, pixels, gen)       # warm-up
+            vae.train().requires_grad_(True)
+            start = time.perf_counter()
+            train_teacher.train_vae(vae_args, vae, pixels, gen)
+            seconds = (time.perf_counter() - start) / vae_args.vae_steps
+            vae_best[precision] = min(vae_best.get(precision, float("inf")), seconds)
+    print(f"\nteacher VAE ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters), batch "
+          f"{vae_args.vae_batch_size}, best of {args.rounds} rounds of {vae_args.vae_steps} steps")
+    print("| precision | s per training step |")
+    print("|---|---|")
+    for precision, seconds in vae_best.items():
+        print(f"| {'fp32' if precision == 'no' else 'bf16 autocast'} | {seconds:.3f} |")
 
 
 if __name__ == "__main__":

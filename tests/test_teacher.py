@@ -5,6 +5,7 @@ import os
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,6 +172,31 @@ def test_min_snr_weights(prediction_type):
     else:  # the noise error is the x0 error times SNR: low-noise steps weigh gamma / SNR, the rest 1
         torch.testing.assert_close(got, torch.where(snr > 5, 5 / snr, torch.ones_like(snr)), rtol=1e-4, atol=1e-6)
     assert torch.equal(train_teacher.loss_weights(scheduler, t, 0.0), torch.ones(len(t)))
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_vae_overfits_a_few_scenes(precision):
+    """Phase 1 on four toy scenes: the reconstruction error falls, in bf16 (autocast) as in fp32,
+    and the weights stay fp32."""
+    import torch.nn.functional as F
+    args = train_teacher.parse_args(["--vae_channels", "8,16", "--latent_channels", "4", "--vae_steps", "60",
+                                     "--vae_batch_size", "4", "--log_every", "1000",
+                                     "--mixed_precision", precision])
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(np.stack([np.asarray(toy_world.render_scene(toy_world.sample_scene(rng), rng))
+                                        for _ in range(4)])).permute(0, 3, 1, 2).contiguous()
+    vae = train_teacher.build_vae(args)
+
+    def error():
+        x = train_teacher.to_model(pixels)
+        with torch.no_grad():
+            return F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x).item()
+
+    before = error()
+    train_teacher.train_vae(args, vae, pixels, torch.Generator().manual_seed(0))
+    assert error() < 0.3 * before
+    assert all(p.dtype == torch.float32 for p in vae.parameters())
 
 
 def test_contrastive_pretraining_matches_captions_to_latents():
