@@ -28,8 +28,8 @@ PRESETS = {
                        mixed_precision="bf16", max_steps=1000,
                        checkpointing_steps=250, validation_steps=250, num_validation_images=8),
         "stage2": dict(llm="checkpoints/toy/lm", batch_size=32, lr=1e-3, lr_warmup_steps=50, two_object_repeat=3,
-                       caption_loss="posterior_ref", max_steps=3600, checkpointing_steps=1200,
-                       validation_steps=1200),
+                       caption_loss="posterior_ref", mixed_precision="bf16", max_steps=3600,
+                       checkpointing_steps=1200, validation_steps=1200),
     },
 }
 
@@ -279,7 +279,9 @@ def build_optimization(accelerator, args, params, loader):
     """AdamW + warmup/decay schedule sized from the prepared loader. Returns
     (optimizer, lr_scheduler, steps_per_epoch, max_steps)."""
     from diffusers.optimization import get_scheduler
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # fused: one kernel for all the parameters, not a loop over them (the optimiser's part of a
+    # toy stage-2 step on the CPU: 9 ms, not 18; on a GPU it is the faster kernel too)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     steps_per_epoch = max(1, -(-len(loader) // args.gradient_accumulation_steps))
     max_steps = args.max_steps or args.epochs * steps_per_epoch
     # Counted in scheduler.step() calls: accelerate steps a prepared scheduler once per process.

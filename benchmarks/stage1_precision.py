@@ -70,10 +70,16 @@ def main(argv=None):
             for _ in range(args.steps):
                 step()
             times[name].append((time.perf_counter() - start) / args.steps)
-    base = statistics.median(times["fp32"])
-    print(f"stage-1 step, batch {preset.batch_size}, {preset.image_size} px, {torch.get_num_threads()} threads, "
-          f"median of {args.rounds} turns of {args.steps} steps")
-    print("| setting | s/step | against fp32 |")
+    print_medians(f"stage-1 step, batch {preset.batch_size}, {preset.image_size} px, {torch.get_num_threads()} "
+                  f"threads, median of {args.rounds} turns of {args.steps} steps", times)
+
+
+def print_medians(title, times):
+    """times {setting: [seconds a step, one per turn]} -> a markdown table of the medians, each
+    against the first setting's."""
+    base = statistics.median(next(iter(times.values())))
+    print(title)
+    print(f"| setting | s/step | against {next(iter(times))} |")
     print("|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -218,11 +218,9 @@ class EmbToCaption(nn.Module):
         prefix = self.prefix_embeds(z)                                  # [B,P,H], P = L(+1)
         ids = self.tokenize(captions)
         N, P, T = len(ids), prefix.shape[1], max(len(x) for x in ids)
-        tokens = torch.full((N, T), self.pad_id, dtype=torch.long, device=z.device)
-        token_mask = torch.zeros((N, T), dtype=torch.long, device=z.device)
-        for i, x in enumerate(ids):
-            tokens[i, :len(x)] = torch.tensor(x, device=z.device)
-            token_mask[i, :len(x)] = 1
+        # padded in Python and made one tensor, not one small copy per caption (192 a toy stage-2 step)
+        tokens = torch.tensor([x + [self.pad_id] * (T - len(x)) for x in ids], device=z.device)
+        token_mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids], device=z.device)
         attention_mask = torch.cat([torch.ones((N, P), dtype=torch.long, device=z.device), token_mask], dim=1)
         if groups is None:
             inputs_embeds = torch.cat([prefix, self.embed_tokens(tokens)], dim=1)   # [N,P+T,H]

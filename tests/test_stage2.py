@@ -76,12 +76,16 @@ def test_stage2_resumed_run_equals_uninterrupted(world, stage2, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-@pytest.mark.parametrize("caption_loss", ["best_ref", "posterior_ref"])
-def test_reference_picking_loss_trains_and_resumes_exactly(world, tmp_path, caption_loss):
+@pytest.mark.parametrize("caption_loss,precision", [("best_ref", "no"), ("posterior_ref", "no"),
+                                                     ("posterior_ref", "bf16")])  # bf16: the toy preset's
+def test_reference_picking_loss_trains_and_resumes_exactly(world, tmp_path, caption_loss, precision):
     """--caption_loss best_ref|posterior_ref reads every reference of each image of the batch; a
-    resumed run still equals an unbroken one (posterior_ref's draws included)."""
+    resumed run still equals an unbroken one (posterior_ref's draws included), in bf16 too."""
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    argv = dict(caption_loss=caption_loss, finetune_lm=True, max_steps=4, checkpointing_steps=2)
+    argv = dict(caption_loss=caption_loss, finetune_lm=True, max_steps=4, checkpointing_steps=2,
+                mixed_precision=precision)
+    if precision == "bf16":  # as the toy pipeline trains it
+        argv["finetune_encoder"] = True
     assert train_stage2.main(stage2_argv(world, full, **argv)) == 4
     os.makedirs(resumed)
     os.link(os.path.join(full, "captioner_2.pt"), os.path.join(resumed, "captioner_2.pt"))
