@@ -35,7 +35,7 @@ def seconds_per_step(run, out, precision, fused, steps):
     GradientState._reset_state()
     real = torch.optim.AdamW
     adamw = mock.patch("torch.optim.AdamW", lambda *a, **k: real(*a, **{**k, "fused": fused}))
-    with adamw, contextlib.redirect_stdout(open(os.devnull, "w")):
+    with adamw, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         train_stage2.main(["--preset", "toy", "--data_dir", f"{run}/data", "--llm", f"{run}/lm",
                            "--stage1_ckpt", f"{run}/stage1/vision_encoder_1000.pt", "--output_dir", out,
                            "--finetune_lm", "--finetune_encoder", "--mixed_precision", precision,
@@ -59,6 +59,7 @@ def main(argv=None):
                 times[name].append(seconds_per_step(args.run, out, precision, fused, args.steps))
     print_medians(f"toy stage-2 step (batch 32, posterior_ref, LM and encoder trained), "
                   f"{torch.get_num_threads()} threads, median of {args.rounds} turns of {args.steps} steps", times)
+
 
 if __name__ == "__main__":
     main()
