@@ -282,7 +282,7 @@ def train_vae(args, vae, train_pixels, gen):
     for step in range(args.vae_steps):
         idx = torch.randint(0, len(train_pixels), (args.vae_batch_size,), generator=gen)
         x = to_model(train_pixels[idx])                                  # [B,3,S,S]
-        # bf16: convolutions under autocast, 1.36x a step here (README, Teacher step); the
+        # bf16: convolutions under autocast, 1.0-1.6x a step here (README, Teacher step); the
         # sample, the loss and the weights stay fp32.
         bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
         with bf16:

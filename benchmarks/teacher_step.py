@@ -1,13 +1,14 @@
-"""Teacher UNet training step: fp32 or bf16 autocast, with SDPA's attention (diffusers' default) or
-diffusers' plain-matmul AttnProcessor. The UNet is the one `train_teacher.py` builds with its
-default flags, on latents of their shape (8x8x8 for the toy world's 32 px); the settings take
-turns, so a machine whose speed drifts slows them all alike, and the best of the rounds is reported.
+"""Teacher UNet training step: fp32 or bf16 autocast, with SDPA's attention (diffusers' default),
+diffusers' plain-matmul AttnProcessor, or SDPA under its math kernel. The UNet is the one
+`train_teacher.py` builds with its default flags, on latents of their shape (8x8x8 for the toy
+world's 32 px); the settings take turns, so a machine whose speed drifts slows them all alike, and the best of the rounds is reported.
 Then the VAE's step (phase 1, `train_teacher.train_vae` itself on random 32 px images), fp32
 against bf16 autocast, taking turns likewise.
 
     python benchmarks/teacher_step.py
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 import train_teacher  # noqa: E402
 
 
@@ -39,30 +41,35 @@ def main(argv=None):
     noisy, t = torch.randn(b, c, size, size), torch.randint(0, 1000, (b,))
     cond = torch.randn(b, teacher.max_length, teacher.text_width)       # the text encoder's [B,L,D]
 
-    def step(bf16):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        pred.float().square().mean().backward()
+    def step(bf16, math):
+        # math: SDPA's math kernel for forward and backward, as common.Trainer's stages take in bf16
+        with common.attention_kernel("cpu", "bf16") if math else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                pred = unet(noisy, t, encoder_hidden_states=cond).sample
+            pred.float().square().mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    settings = [("fp32", False, AttnProcessor2_0), ("fp32", False, AttnProcessor),
-                ("bf16 autocast", True, AttnProcessor2_0), ("bf16 autocast", True, AttnProcessor)]
+    settings = [("fp32", False, AttnProcessor2_0, False), ("fp32", False, AttnProcessor, False),
+                ("bf16 autocast", True, AttnProcessor2_0, False), ("bf16 autocast", True, AttnProcessor, False),
+                ("bf16 autocast", True, AttnProcessor2_0, True)]
     best = [float("inf")] * len(settings)
     for _ in range(args.rounds):
-        for i, (_, bf16, processor) in enumerate(settings):
+        for i, (_, bf16, processor, math) in enumerate(settings):
             unet.set_attn_processor(processor())
-            step(bf16)  # warm-up: kernel selection for this setting
+            step(bf16, math)  # warm-up: kernel selection for this setting
             start = time.perf_counter()
             for _ in range(args.steps):
-                step(bf16)
+                step(bf16, math)
             best[i] = min(best[i], (time.perf_counter() - start) / args.steps)
     print(f"teacher UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters), batch {b}, "
           f"{torch.get_num_threads()} CPU threads, best of {args.rounds} rounds of {args.steps} steps")
     print("| precision | attention | s per training step |")
     print("|---|---|---|")
-    for (precision, _, processor), seconds in zip(settings, best):
+    for (precision, _, processor, math), seconds in zip(settings, best):
         name = "SDPA (`AttnProcessor2_0`)" if processor is AttnProcessor2_0 else "plain matmuls (`AttnProcessor`)"
+        if math:
+            name = "SDPA, its math kernel (`common.attention_kernel`)"
         print(f"| {precision} | {name} | {seconds:.3f} |")
 
     vae_best = {}
