@@ -6,7 +6,8 @@ The toy stand-in for SD 2.1: a tiny latent diffusion model trained from scratch 
     StableDiffusionPipeline.from_pretrained(output_dir)      vae/ unet/ text_encoder/ tokenizer/ scheduler/
 
 Three phases on one CPU:
-  1. VAE (AutoencoderKL, two downsamplings: 32x32x3 -> 8x8x8), trained briefly, then frozen.
+  1. VAE (AutoencoderKL, two downsamplings: 32x32x3 -> 8x8x8), trained briefly (under bf16
+     autocast), then frozen.
      Its reconstructions are judged first: if they lose colour, no UNet can draw it.
      scaling_factor = 1 / std(latents), saved in the VAE config as SD does.
   2. CLIPTextModel (word-level tokenizer, L=16 with BOS/EOS) pre-trained contrastively against the
@@ -270,11 +271,20 @@ def lr_lambda(warmup, total):
     return f
 
 
+def autocast(args):
+    """--mixed_precision bf16: CPU autocast for the VAE's and the UNet's forward (weights, loss and
+    EMA stay fp32); no: a context that does nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
+
+
 # ---------------------------------------------------------------------------------------------
 # Phase 1: VAE
 
 def train_vae(args, vae, train_pixels, gen):
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    # bf16: convolutions under autocast, 1.0-1.6x a step here (README, Teacher step); the sample,
+    # the loss and the weights stay fp32.
+    bf16 = autocast(args)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(50, args.vae_steps // 10 + 1), args.vae_steps))
     vae.train()
@@ -282,9 +292,6 @@ def train_vae(args, vae, train_pixels, gen):
     for step in range(args.vae_steps):
         idx = torch.randint(0, len(train_pixels), (args.vae_batch_size,), generator=gen)
         x = to_model(train_pixels[idx])                                  # [B,3,S,S]
-        # bf16: convolutions under autocast, 1.0-1.6x a step here (README, Teacher step); the
-        # sample, the loss and the weights stay fp32.
-        bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
         with bf16:
             moments = vae.encode(x).latent_dist.parameters                  # [B,2C,h,w]
         posterior = DiagonalGaussianDistribution(moments.float())
@@ -614,7 +621,7 @@ def main(argv=None):
         noisy = scheduler.add_noise(latents, noise, t)
         with torch.set_grad_enabled(text_trains):
             cond = text_encoder(ids).last_hidden_state                          # [B,L,D]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
+        with autocast(args):
             pred = unet(noisy, t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred.float(), diffusion_target(scheduler, latents, noise, t), reduction="none")
         loss = (loss.mean(dim=(1, 2, 3)) * loss_weights(scheduler, t, args.snr_gamma)).mean()

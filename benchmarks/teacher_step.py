@@ -1,9 +1,9 @@
 """Teacher UNet training step: fp32 or bf16 autocast, with SDPA's attention (diffusers' default),
 diffusers' plain-matmul AttnProcessor, or SDPA under its math kernel. The UNet is the one
 `train_teacher.py` builds with its default flags, on latents of their shape (8x8x8 for the toy
-world's 32 px); the settings take turns, so a machine whose speed drifts slows them all alike, and the best of the rounds is reported.
-Then the VAE's step (phase 1, `train_teacher.train_vae` itself on random 32 px images), fp32
-against bf16 autocast, taking turns likewise.
+world's 32 px); the settings take turns, so a machine whose speed drifts slows them all alike, and
+the best of the rounds is reported. Then the VAE's step (phase 1, `train_teacher.train_vae` itself
+on random 32 px images), fp32 against bf16 autocast, taking turns likewise.
 
     python benchmarks/teacher_step.py
 """
