@@ -25,11 +25,11 @@ PRESETS = {
                     mixed_precision="no", num_inference_steps=20, guidance_scale=2.0),
         "stage1": dict(image_size=32, backbone="toy", backbone_weights="none", encoder_width=128,
                        encoder_layers=2, cache_latents=True, batch_size=128, lr=1e-3, lr_warmup_steps=50,
-                       mixed_precision="bf16", max_steps=1000,
-                       checkpointing_steps=250, validation_steps=250, num_validation_images=8),
-        "stage2": dict(llm="checkpoints/toy/lm", batch_size=32, lr=1e-3, lr_warmup_steps=50, two_object_repeat=3,
-                       caption_loss="posterior_ref", mixed_precision="bf16", max_steps=3600,
-                       checkpointing_steps=1200, validation_steps=1200),
+                       mixed_precision="bf16", max_steps=800,
+                       checkpointing_steps=200, validation_steps=200, num_validation_images=8),
+        "stage2": dict(llm="checkpoints/toy/lm", batch_size=64, lr=1e-3, lr_warmup_steps=50, two_object_repeat=3,
+                       caption_loss="posterior_ref", mixed_precision="bf16", max_steps=1400,
+                       checkpointing_steps=700, validation_steps=700),
     },
 }
 

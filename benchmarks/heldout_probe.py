@@ -5,8 +5,8 @@ train scenes, which hold seen pairs only, and tested on val scenes: seen pairs a
 ones. A representation that codes shape apart from colour lets the probe name a held-out pair's
 shape; one that codes the pairs as conjunctions leaves it at chance (1/3).
 
-    python benchmarks/heldout_probe.py --stage1_ckpt S1/vision_encoder_1000.pt \
-        --stage2_ckpt distilled=S2/captioner_3600.pt --stage2_ckpt no_stage1=BASE/captioner_3600.pt \
+    python benchmarks/heldout_probe.py --stage1_ckpt S1/vision_encoder_800.pt \
+        --stage2_ckpt distilled=S2/captioner_1400.pt --stage2_ckpt no_stage1=BASE/captioner_1400.pt \
         --train_dir checkpoints/toy/data --val_dir checkpoints/toy/data
 """
 import argparse

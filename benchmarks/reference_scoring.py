@@ -2,8 +2,8 @@
 an image scored after one shared run of its prefix (the KV cache reused by all its captions)
 against one copy of the prefix per caption; same scores, same picks, one run.
 
-    python benchmarks/reference_scoring.py --stage1_ckpt checkpoints/toy/stage1/vision_encoder_1000.pt \
-        --stage2_ckpt checkpoints/toy/stage2/captioner_3600.pt --data_dir checkpoints/toy/data
+    python benchmarks/reference_scoring.py --stage1_ckpt checkpoints/toy/stage1/vision_encoder_800.pt \
+        --stage2_ckpt checkpoints/toy/stage2/captioner_1400.pt --data_dir checkpoints/toy/data
 """
 import argparse
 import os

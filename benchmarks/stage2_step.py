@@ -19,6 +19,8 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import train_stage1  # noqa: E402
 import train_stage2  # noqa: E402
 from stage1_precision import print_medians  # noqa: E402  (this folder is on sys.path)
 
@@ -29,7 +31,7 @@ SETTINGS = {  # name: (--mixed_precision, AdamW fused)
 }
 
 
-def seconds_per_step(run, out, precision, fused, steps):
+def seconds_per_step(run, stage1_ckpt, out, precision, fused, steps, batch_size):
     from accelerate.state import AcceleratorState, GradientState
     AcceleratorState._reset_state()  # as in a new process: accelerate keeps one mixed precision per process
     GradientState._reset_state()
@@ -37,7 +39,7 @@ def seconds_per_step(run, out, precision, fused, steps):
     adamw = mock.patch("torch.optim.AdamW", lambda *a, **k: real(*a, **{**k, "fused": fused}))
     with adamw, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         train_stage2.main(["--preset", "toy", "--data_dir", f"{run}/data", "--llm", f"{run}/lm",
-                           "--stage1_ckpt", f"{run}/stage1/vision_encoder_1000.pt", "--output_dir", out,
+                           "--stage1_ckpt", stage1_ckpt, "--output_dir", out, "--batch_size", str(batch_size),
                            "--finetune_lm", "--finetune_encoder", "--mixed_precision", precision,
                            "--max_steps", str(steps), "--checkpointing_steps", str(steps),
                            "--validation_steps", "0", "--num_validation_images", "1"])
@@ -51,13 +53,18 @@ def main(argv=None):
     p.add_argument("--run", default="checkpoints/toy", help="a toy pipeline's OUT: data/, lm/, stage1/")
     p.add_argument("--rounds", type=int, default=3, help="turns of each setting")
     p.add_argument("--steps", type=int, default=30, help="steps per turn")
+    p.add_argument("--batch_size", type=int, default=common.PRESETS["toy"]["stage2"]["batch_size"])
     args = p.parse_args(argv)
+    stage1_ckpt = common.resolve_resume("latest", f"{args.run}/stage1", train_stage1.CKPT_PREFIX)
+    if stage1_ckpt is None:
+        common.die(f"no {train_stage1.CKPT_PREFIX}_*.pt in {args.run}/stage1; pass --run a toy pipeline's OUT")
     times = {name: [] for name in SETTINGS}
     for _ in range(args.rounds):
         for name, (precision, fused) in SETTINGS.items():
             with tempfile.TemporaryDirectory() as out:
-                times[name].append(seconds_per_step(args.run, out, precision, fused, args.steps))
-    print_medians(f"toy stage-2 step (batch 32, posterior_ref, LM and encoder trained), "
+                times[name].append(seconds_per_step(args.run, stage1_ckpt, out, precision, fused, args.steps,
+                                                    args.batch_size))
+    print_medians(f"toy stage-2 step (batch {args.batch_size}, posterior_ref, LM and encoder trained), "
                   f"{torch.get_num_threads()} threads, median of {args.rounds} turns of {args.steps} steps", times)
 
 
