@@ -317,6 +317,9 @@ class Trainer:
 
     def resume(self, path):
         ckpt = load_checkpoint(path, self.kind)
+        if ckpt["step"] > self.max_steps:  # e.g. an output_dir left by a longer recipe: it would train nothing
+            die(f"{path} is at step {ckpt['step']}, past --max_steps {self.max_steps}; pass --max_steps "
+                f"{ckpt['step']} or more to go on from it, or a new --output_dir to start over")
         self.load_model_state(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])

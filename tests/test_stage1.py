@@ -102,6 +102,15 @@ def test_resumed_run_equals_uninterrupted(images_dir, tiny_sd_dir, tmp_path, cac
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_resuming_past_max_steps_says_so(images_dir, tiny_sd_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train_stage1.main(base_args(images_dir, tiny_sd_dir, out, max_steps=3))
+    with pytest.raises(SystemExit, match=r"vision_encoder_3.pt is at step 3, past --max_steps 2; pass "
+                                         r"--max_steps 3 or more to go on from it, or a new --output_dir"):
+        train_stage1.main(base_args(images_dir, tiny_sd_dir, out, max_steps=2, resume_from="latest"))
+    assert train_stage1.main(base_args(images_dir, tiny_sd_dir, out, max_steps=3, resume_from="latest")) == 3
+
+
 def test_bf16_on_a_cpu_takes_the_math_attention_kernel():
     # SDPA's backend flags are global; the CPU dispatch reads the same ones as CUDA's.
     flags = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.math_sdp_enabled)
