@@ -5,8 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-checkpoints/toy}
-STAGE1_STEPS=${STAGE1_STEPS:-800}
-STAGE2_STEPS=${STAGE2_STEPS:-1400}
 TEACHER_STEPS=${TEACHER_STEPS:-800}
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, diffusers, transformers, pycocoevalcap" 2>/dev/null; then
@@ -15,6 +13,10 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, diffusers, 
   .venv/bin/pip install -q -r requirements.txt
 fi
 PY=.venv/bin/python
+# The stages' steps are --preset toy's (common.PRESETS); named here too for the checkpoint paths.
+PRESET_STEPS=$($PY -c "import common; t = common.PRESETS['toy']; print(t['stage1']['max_steps'], t['stage2']['max_steps'])")
+STAGE1_STEPS=${STAGE1_STEPS:-${PRESET_STEPS% *}}
+STAGE2_STEPS=${STAGE2_STEPS:-${PRESET_STEPS#* }}
 TIMES=()
 timed() {  # timed NAME command...: run it, remember its wall time
   local name=$1; shift
