@@ -1,42 +1,64 @@
-"""Plumbing shared by the training scripts: presets, accelerate set-up, checkpoints, RNG, grids.
+"""What every training stage and script shares, written once: presets and flags, run set-up
+(accelerate, precision, seeds, args.json), checkpoints and exact resume, the training loop, the
+loaders of trained checkpoints, tables and image grids.
 
-Written once here so every stage saves, resumes and logs the same way (DESIGN.md, Conventions).
+A new training stage's main reads as:
+
+    args = parse_args(argv)
+    accelerator, weight_dtype = common.setup_run(args, "vlv_stageN")
+    model, dataset = ...                                  # what this stage trains, and on what
+    loader = common.train_loader(dataset, args, accelerator)
+    optimizer, lr_scheduler, steps_per_epoch, max_steps = common.build_optimization(accelerator, args, params, loader)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    trainer = common.Trainer(accelerator=..., args=args, model=model, ..., kind=KIND, prefix=PREFIX, config=config)
+    common.resume(trainer, args)
+    trainer.train(compute_loss, validate, args.validation_steps)
+    common.finish_run(trainer, dataset)
+
+and differs from its siblings only in its model, its loss, its samples and what its checkpoint holds.
 """
 import argparse
 import contextlib
-import json
 import os
 import random
-import re
+import shutil
 import sys
 
 import numpy as np
 import torch
 
+from data.files import atomic_path, replace, save_json  # noqa: F401  (re-exported for the scripts)
+from errors import BadInput
+
 # Named configs. A script's parser holds the real-run defaults (SD 2.1, COCO); a preset replaces
-# the defaults of the flags that script has, and any flag given on the command line still wins.
+# the defaults of the flags that script has ("all", then the script's own part), and any flag
+# given on the command line still wins.
 PRESETS = {
     "sd21": {
         "all": dict(sd_model_id="stabilityai/stable-diffusion-2-1-base", image_size=384,
                     backbone="resnet50", backbone_weights="imagenet"),
     },
     "toy": {
-        "all": dict(data_dir="checkpoints/toy/data", sd_model_id="checkpoints/toy/teacher",
-                    mixed_precision="no", num_inference_steps=20, guidance_scale=2.0),
+        "all": dict(data_dir="checkpoints/toy/data", sd_model_id="checkpoints/toy/teacher"),
+        # The pipeline's teacher: a quarter-size UNet for 800 Min-SNR-5 steps, its VAE and
+        # contrastive phase halved (docs/measurements.md, "The 30-minute recipe"). The teacher's
+        # own defaults are the larger, slower recipe.
+        "teacher": dict(unet_channels="32,64,64", vae_steps=400, clip_steps=500, snr_gamma=5.0, max_steps=800),
         "stage1": dict(image_size=32, backbone="toy", backbone_weights="none", encoder_width=128,
                        encoder_layers=2, cache_latents=True, batch_size=128, lr=1e-3, lr_warmup_steps=50,
-                       mixed_precision="bf16", max_steps=800,
-                       checkpointing_steps=200, validation_steps=200, num_validation_images=8),
+                       max_steps=800, checkpointing_steps=200, validation_steps=200, num_validation_images=8,
+                       num_inference_steps=20),
         "stage2": dict(llm="checkpoints/toy/lm", batch_size=64, lr=1e-3, lr_warmup_steps=50, two_object_repeat=3,
-                       caption_loss="posterior_ref", mixed_precision="bf16", max_steps=1400,
+                       caption_loss="posterior_ref", finetune_lm=True, finetune_encoder=True, max_steps=1400,
                        checkpointing_steps=700, validation_steps=700),
     },
 }
 
 
 def die(message):
-    """Stop with one clear line on stderr (no traceback): what is wrong and the fix."""
-    raise SystemExit(f"error: {message}")
+    """Stop with one clear line (no traceback): what is wrong and the fix. The script's entry point
+    (errors.run) prints `error: <message>` and exits with status 2."""
+    raise BadInput(message)
 
 
 def parse_with_preset(parser, argv=None, stage=None):
@@ -47,6 +69,7 @@ def parse_with_preset(parser, argv=None, stage=None):
     pre, _ = parser.parse_known_args(argv)
     if pre.preset:
         preset = {**PRESETS[pre.preset].get("all", {}), **PRESETS[pre.preset].get(stage, {})}
+        # argparse has no public list of a parser's actions; _actions has been stable for years.
         actions = {action.dest: action for action in parser._actions}
         for k, v in preset.items():
             # a store_true flag the preset turns on could not be turned off again from the command line
@@ -56,6 +79,9 @@ def parse_with_preset(parser, argv=None, stage=None):
         parser.set_defaults(**{k: v for k, v in preset.items() if k in actions})
     return parser.parse_args(argv)
 
+
+# ---------------------------------------------------------------------------------------------
+# Flags
 
 def add_data_args(parser, data_help, image_size=None, image_size_help=None):
     """The data flags the training stages share; returns the group for stage-specific ones."""
@@ -68,10 +94,17 @@ def add_data_args(parser, data_help, image_size=None, image_size_help=None):
     return g
 
 
-def add_training_args(parser):
+def add_precision_arg(group):
+    group.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
+                       help="auto: bf16 where it is native (a CUDA GPU with bf16, a CPU with AVX512-BF16 "
+                            "or AMX), else fp32 (no); emulated bf16 is several times slower than fp32. "
+                            "args.json records what auto chose")
+
+
+def add_training_args(parser, output_dir_required=True):
     """Flags every training stage shares: optimisation, accelerate, checkpoints, logging."""
     g = parser.add_argument_group("training")
-    g.add_argument("--output_dir", required=True)
+    g.add_argument("--output_dir", required=output_dir_required)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch_size", type=int, default=32, help="per process")
     g.add_argument("--lr", type=float, default=1e-4)
@@ -84,7 +117,7 @@ def add_training_args(parser):
                    help="optimizer steps; overrides --epochs when given (0: use --epochs)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    add_precision_arg(g)
     g.add_argument("--use_ema", action="store_true")
     g.add_argument("--ema_decay", type=float, default=0.9999)
     g.add_argument("--num_workers", type=int, default=2)
@@ -95,36 +128,93 @@ def add_training_args(parser):
     g.add_argument("--report_to", default="none", choices=["none", "wandb", "tensorboard"])
     g.add_argument("--log_every", type=int, default=10)
     g.add_argument("--validation_steps", type=int, default=1000,
-                   help="every N steps (and at the end; 0: only at the end) show the stage's samples: "
-                        "original | reconstruction grids (stage 1), captions (stage 2)")
+                   help="every N steps (and at the end; 0: only at the end) show the stage's samples")
     g.add_argument("--num_validation_images", type=int, default=4)
     return g
 
 
-def validation_items(dataset, n):
-    """The first n readable items of n different images: the fixed images a run shows samples of.
-    (A caption dataset holds an image once per caption, and more often with repeat_images.)"""
-    image_of = (lambda i: dataset.items[i][0]) if hasattr(dataset, "items") else (lambda i: i)
-    firsts = {}
-    for i in range(len(dataset)):
-        if len(firsts) == n:
-            break
-        firsts.setdefault(image_of(i), i)
-    items = [dataset[i] for i in firsts.values()]
-    return [x for x in items if x is not None]
+def add_decoding_args(parser, num_beams=3):
+    """The captioner's decoding settings (EmbToCaption.generate), for infer.py and eval_captioning.py."""
+    from models.emb_to_caption import DECODING
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--num_beams", type=int, default=num_beams, help="1: greedy")
+    g.add_argument("--max_new_tokens", type=int, default=DECODING["max_new_tokens"])
+    g.add_argument("--min_new_tokens", type=int, default=DECODING["min_new_tokens"])
+    g.add_argument("--length_penalty", type=float, default=DECODING["length_penalty"])
+    g.add_argument("--no_repeat_ngram_size", type=int, default=DECODING["no_repeat_ngram_size"])
+    g.add_argument("--do_sample", action="store_true", help="nucleus sampling instead of beam search")
+    g.add_argument("--top_p", type=float, default=DECODING["top_p"])
+    g.add_argument("--temperature", type=float, default=DECODING["temperature"])
+    return g
+
+
+def decoding_kwargs(args):
+    from models.emb_to_caption import DECODING
+    return {k: getattr(args, k) for k in DECODING}
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision and run set-up
+
+def cpu_has_native_bf16():
+    """True on a CPU with bf16 arithmetic in hardware (AVX512-BF16 or AMX). torch has no public
+    probe for these; torch.cpu._is_avx512_bf16_supported and _is_amx_tile_supported are private."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def machine_description():
+    """One line for every recorded timing: the CPU, its cores, the flags that decide bf16's speed
+    (AVX2 only: bf16 is emulated, several times slower than fp32), torch's threads, any GPU."""
+    model, flags = "unknown CPU", set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{model}, {os.cpu_count()} cores, flags: {' '.join(wanted) or 'none of avx2/avx512/amx'} "
+            f"(native bf16: {'yes' if cpu_has_native_bf16() else 'no'}), torch {torch.__version__.split('+')[0]} "
+            f"with {torch.get_num_threads()} threads{gpu}")
+
+
+def resolve_mixed_precision(requested, cuda=None):
+    """--mixed_precision -> (the setting to run: "no" | "bf16" | "fp16", why in a few words).
+    auto is bf16 only where bf16 is native; fp16 needs a GPU (and a scaler), so never by default."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if requested == "auto":
+        if cuda:
+            native = torch.cuda.is_bf16_supported()
+            return ("bf16" if native else "no"), f"CUDA GPU {'with' if native else 'without'} bf16"
+        native = cpu_has_native_bf16()
+        return ("bf16" if native else "no"), f"CPU {'with' if native else 'without'} native bf16 (AVX512-BF16 or AMX)"
+    if requested == "fp16" and not cuda:
+        die("--mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision auto (or no, bf16)")
+    if requested == "bf16" and not cuda and not cpu_has_native_bf16():
+        print("warning: --mixed_precision bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is "
+              "emulated and may be several times slower than fp32: pass --mixed_precision auto or no",
+              file=sys.stderr)
+    return requested, "as asked"
+
+
+def fresh_accelerator_state():
+    """Before another stage's main in the same process (benchmarks, tests), as in a new process:
+    accelerate keeps one process-wide state, which refuses an Accelerator of another mixed precision
+    than the first one made."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
 
 def make_accelerator(args, project_name):
-    """An Accelerator for the flags of add_training_args; wandb runs offline unless logged in."""
+    """An Accelerator for the flags of add_training_args (mixed_precision already resolved); wandb
+    runs offline unless logged in."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        die("--mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision no (or bf16)")
-    if (args.mixed_precision == "bf16" and not torch.cuda.is_available()
-            and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())):
-        print("warning: --mixed_precision bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is "
-              "emulated and may be slower than fp32: pass --mixed_precision no", file=sys.stderr)
     if args.report_to == "wandb" and "WANDB_MODE" not in os.environ and "WANDB_API_KEY" not in os.environ:
         os.environ["WANDB_MODE"] = "offline"  # no key here: keep the run, sync it later
     accelerator = Accelerator(
@@ -145,45 +235,72 @@ def make_accelerator(args, project_name):
     return accelerator
 
 
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+
+
+def setup_run(args, project_name):
+    """The start of every training stage: output dir, precision (auto resolved, printed once and
+    recorded in args.json as what ran), accelerator, seed + process index, args.json.
+    Returns (accelerator, weight_dtype: the dtype for frozen weights)."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    requested = args.mixed_precision
+    args.mixed_precision, why = resolve_mixed_precision(requested)
+    accelerator = make_accelerator(args, project_name)
+    from accelerate.utils import set_seed
+    set_seed(args.seed, device_specific=True)  # seed + process index
+    print_main(accelerator, f"mixed precision: {args.mixed_precision}"
+                            + (f" (auto: {why})" if requested == "auto" else ""))
+    if accelerator.is_main_process:
+        save_json(os.path.join(args.output_dir, "args.json"), vars(args))
+    return accelerator, WEIGHT_DTYPES[args.mixed_precision]
+
+
+def train_loader(dataset, args, accelerator, collate_fn=None):
+    """The stage's prepared, shuffled DataLoader (batch_size per process, last partial batch dropped)."""
+    from data.coco import collate_skip_none
+    return accelerator.prepare(torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+        num_workers=args.num_workers, collate_fn=collate_fn or collate_skip_none,
+        # Its own generator, so starting an epoch draws nothing from the global RNG that the noise
+        # and timesteps come from: a resumed run then draws exactly what an unbroken one draws.
+        generator=torch.Generator().manual_seed(args.seed)))
+
+
+def validation_items(dataset, n):
+    """The first n readable items of n different images: the fixed images a run shows samples of.
+    (A caption dataset holds an image once per caption, and more often with repeat_images.)"""
+    firsts = {}
+    for i in range(len(dataset)):
+        if len(firsts) == n:
+            break
+        firsts.setdefault(dataset.image_of(i), i)
+    items = [dataset[i] for i in firsts.values()]
+    return [x for x in items if x is not None]
+
+
 def attention_kernel(device, mixed_precision):
     """The context for a training step's forward and backward: on a CPU in bf16, SDPA's plain
     math kernel. PyTorch's CPU flash-attention backward in bf16 is slow at the toy sizes (a few
-    heads of 16-32 dims over 16-64 positions): 41 ms a call, against 3.5 ms in fp32, a quarter of
-    a bf16 stage-1 step (README, "bf16 on the CPU"). Elsewhere: the default kernel choice."""
+    heads of 16-32 dims over 16-64 positions): several times the math kernel's time, a large part
+    of a bf16 stage-1 step (docs/measurements.md, "bf16 on the CPU"). Elsewhere: the default."""
     if torch.device(device).type == "cpu" and mixed_precision == "bf16":
         from torch.nn.attention import SDPBackend, sdpa_kernel
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
 
 
+def print_main(accelerator, *args):
+    """Progress and notes, on stderr, from the main process only (results go to stdout)."""
+    if accelerator.is_main_process:
+        print(*args, file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------------------------------------
-# Files written atomically: a run killed at any moment leaves either the old file or the new one.
-
-def _replace(tmp, path):
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    _replace(tmp, path)
-
+# Checkpoints: written atomically, loaded with weights_only
 
 def save_checkpoint(path, state):
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    _replace(tmp, path)
-
-
-def save_grid(path, images, nrow):
-    """images [N,3,H,W] in [0,1] -> one PNG grid, nrow images per row."""
-    from torchvision.utils import save_image
-    tmp = f"{path}.tmp.png"
-    save_image(images.float().clamp(0, 1), tmp, nrow=nrow, padding=2, pad_value=1.0)
-    _replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path, kind):
@@ -204,6 +321,7 @@ def load_checkpoint(path, kind):
 
 def list_checkpoints(output_dir, prefix):
     """Numbered checkpoints `{prefix}_{step}.pt` in output_dir, oldest first."""
+    import re
     pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)\.pt$")
     found = []
     if os.path.isdir(output_dir):
@@ -224,10 +342,54 @@ def resolve_resume(resume_from, output_dir, prefix):
     return resume_from
 
 
+def resolve_checkpoint(path, prefix):
+    """A checkpoint file, or a run's folder meaning its newest `{prefix}_{step}.pt`."""
+    if os.path.isdir(path):
+        ckpts = list_checkpoints(path, prefix)
+        if not ckpts:
+            die(f"{path} holds no {prefix}_<step>.pt checkpoint; pass a checkpoint file or the "
+                f"--output_dir of the run that wrote one")
+        return ckpts[-1]
+    return path
+
+
 def prune_checkpoints(output_dir, prefix, keep):
     if keep and keep > 0:
         for path in list_checkpoints(output_dir, prefix)[:-keep]:
             os.remove(path)
+
+
+def replace_dir(tmp_dir, out_dir):
+    """Swap a finished folder in for out_dir: a run killed before this point leaves any old out_dir
+    intact, one killed inside it leaves the old or the new one under out_dir's name or beside it."""
+    out_dir = os.path.abspath(out_dir)
+    old = f"{out_dir}.old-{os.getpid()}"
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    os.replace(tmp_dir, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# Flags that do not change what a resumed run trains: they may take other values on resume.
+FREE_ON_RESUME = {"output_dir", "resume_from", "checkpointing_steps", "checkpoints_total_limit", "log_every",
+                  "validation_steps", "num_validation_images", "num_workers", "report_to", "preset",
+                  "num_inference_steps", "guidance_scale", "num_beams", "max_new_tokens", "num_threads",
+                  # the length: a longer run goes on from the checkpoint (Trainer.resume says so)
+                  "max_steps", "epochs"}
+
+
+def check_resume_settings(path, saved, args, free=FREE_ON_RESUME, start_over="pass a new --output_dir"):
+    """Refuse to resume from a checkpoint written with other trajectory settings (batch size, lr,
+    accumulation, precision, data, ...): one line naming each, with the checkpoint's values."""
+    if saved is None:
+        die(f"{path} records no run settings (written by older code), so a resume could not be checked "
+            f"to follow its trajectory; {start_over} to start over")
+    current = vars(args)
+    differ = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
+    if differ:
+        was = ", ".join(f"--{k} {saved.get(k)}" for k in differ)
+        die(f"{path} was written by a run with other settings ({was}); resume with those, or {start_over}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,16 +417,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def print_main(accelerator, *args):
-    if accelerator.is_main_process:
-        print(*args, file=sys.stderr, flush=True)
-
-
-
-# ---------------------------------------------------------------------------------------------
-# The training loop every stage shares: it owns stepping, accumulation, clipping, EMA, logging,
-# checkpoint cadence and exact resume; a stage supplies the loss and what a checkpoint holds.
-
 def fingerprint(state_dict):
     """A short hash of a state dict's tensors: tells whether two checkpoints hold the same weights."""
     import hashlib
@@ -275,13 +427,17 @@ def fingerprint(state_dict):
     return h.hexdigest()[:16]
 
 
-def build_optimization(accelerator, args, params, loader):
+# ---------------------------------------------------------------------------------------------
+# The training loop every stage shares: it owns stepping, accumulation, clipping, EMA, logging,
+# checkpoint cadence and exact resume; a stage supplies the loss and what a checkpoint holds.
+
+def build_optimization(accelerator, args, params, loader, fused=True):
     """AdamW + warmup/decay schedule sized from the prepared loader. Returns
     (optimizer, lr_scheduler, steps_per_epoch, max_steps)."""
     from diffusers.optimization import get_scheduler
-    # fused: one kernel for all the parameters, not a loop over them (the optimiser's part of a
-    # toy stage-2 step on the CPU: 9 ms, not 18; on a GPU it is the faster kernel too)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    # fused: one kernel for all the parameters, not a loop over them (half the optimiser's time in
+    # a toy stage-2 step on the CPU; on a GPU it is the faster kernel too)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
     steps_per_epoch = max(1, -(-len(loader) // args.gradient_accumulation_steps))
     max_steps = args.max_steps or args.epochs * steps_per_epoch
     # Counted in scheduler.step() calls: accelerate steps a prepared scheduler once per process.
@@ -296,16 +452,18 @@ class Trainer:
 
     model_state() -> the trainable weights to save; load_model_state(sd) puts them back. A
     checkpoint is the plain dict of DESIGN.md: {kind, model, optimizer, lr_scheduler, scaler, ema,
-    step, epoch, config, rng}, with one RNG state per process.
+    step, epoch, config, args, num_processes, rng}, with one RNG state per process.
     """
 
-    def __init__(self, accelerator, args, model, optimizer, lr_scheduler, loader, steps_per_epoch,
-                 max_steps, kind, prefix, config, model_state, load_model_state):
+    def __init__(self, *, accelerator, args, model, optimizer, lr_scheduler, loader, steps_per_epoch,
+                 max_steps, kind, prefix, config, model_state, load_model_state, free_on_resume=()):
         self.accelerator, self.args, self.model = accelerator, args, model
         self.optimizer, self.lr_scheduler, self.loader = optimizer, lr_scheduler, loader
         self.steps_per_epoch, self.max_steps = steps_per_epoch, max_steps
         self.kind, self.prefix, self.config = kind, prefix, config
         self.model_state, self.load_model_state = model_state, load_model_state
+        # the stage's own flags that a resume may change, besides FREE_ON_RESUME's
+        self.free_on_resume = FREE_ON_RESUME | set(free_on_resume)
         # What trains (frozen parts excluded): what is clipped, averaged by EMA and checksummed.
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ema = None
@@ -316,21 +474,34 @@ class Trainer:
         self.epoch_times = {}  # epoch -> [seconds, steps] of this invocation: data + compute only
 
     def resume(self, path):
+        """Continue from a checkpoint of this run: everything restored, or one line saying why not."""
+        acc = self.accelerator
         ckpt = load_checkpoint(path, self.kind)
+        check_resume_settings(path, ckpt.get("args"), self.args, self.free_on_resume)
+        if ckpt["num_processes"] != acc.num_processes:
+            die(f"{path} was written by {ckpt['num_processes']} processes, this run has {acc.num_processes}; "
+                f"resume with {ckpt['num_processes']} (e.g. accelerate launch --num_processes "
+                f"{ckpt['num_processes']}), or pass a new --output_dir to start over")
         if ckpt["step"] > self.max_steps:  # e.g. an output_dir left by a longer recipe: it would train nothing
             die(f"{path} is at step {ckpt['step']}, past --max_steps {self.max_steps}; pass --max_steps "
                 f"{ckpt['step']} or more to go on from it, or a new --output_dir to start over")
+        if (ckpt["scaler"] is None) != (acc.scaler is None) or (ckpt["ema"] is None) != (self.ema is None):
+            die(f"{path}: its gradient scaler or EMA state does not match this run's (--mixed_precision, "
+                f"--use_ema); resume with the settings that wrote it")
+        saved_length = ckpt["args"].get("max_steps") or ckpt["args"].get("epochs")
+        if saved_length != (self.args.max_steps or self.args.epochs):
+            print_main(acc, f"note: {path} was written by a run of another length; its learning-rate "
+                            f"schedule goes on for this run's {self.max_steps} steps")
         self.load_model_state(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-        if ckpt["scaler"] is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None and ckpt["ema"] is not None:
+        if acc.scaler is not None:
+            acc.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
             self.ema.load_state_dict(ckpt["ema"])
-        if len(ckpt["rng"]) == self.accelerator.num_processes:
-            set_rng_state(ckpt["rng"][self.accelerator.process_index])
+        set_rng_state(ckpt["rng"][acc.process_index])
         self.step = ckpt["step"]
-        print_main(self.accelerator, f"resumed from {path} at step {self.step}")
+        print_main(acc, f"resumed from {path} at step {self.step}")
         return ckpt
 
     def save(self):
@@ -338,11 +509,13 @@ class Trainer:
         rng = gather_object([rng_state()])  # every process's, collected before only one writes
         if not self.accelerator.is_main_process:
             return
+        acc = self.accelerator
         state = dict(kind=self.kind, model=self.model_state(), optimizer=self.optimizer.state_dict(),
                      lr_scheduler=self.lr_scheduler.state_dict(),
-                     scaler=self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
+                     scaler=acc.scaler.state_dict() if acc.scaler else None,
                      ema=self.ema.state_dict() if self.ema else None, step=self.step,
-                     epoch=self.step // self.steps_per_epoch, config=self.config, rng=rng)
+                     epoch=self.step // self.steps_per_epoch, config=self.config, args=vars(self.args),
+                     num_processes=acc.num_processes, rng=rng)
         out = self.args.output_dir
         save_checkpoint(os.path.join(out, f"{self.prefix}_{self.step}.pt"), state)
         prune_checkpoints(out, self.prefix, self.args.checkpoints_total_limit)
@@ -414,16 +587,151 @@ class Trainer:
             self.epoch_times[epoch] = [seconds, self.step - start_step]
         progress.close()
 
-    def finish(self, skipped=0):
-        """Write summary.json (with one weight checksum per process, to show they stayed in sync)."""
-        from accelerate.utils import gather_object
-        acc = self.accelerator
-        checksum = sum(p.double().sum().item() for p in self.params)
-        checksums, skips = gather_object([checksum]), gather_object([skipped])
-        if acc.is_main_process:
-            save_json(os.path.join(self.args.output_dir, "summary.json"),
-                      dict(step=self.step, num_processes=acc.num_processes,
-                           epoch_seconds_and_steps=self.epoch_times,
-                           param_checksums=checksums, skipped_images=sum(skips)))
-        acc.wait_for_everyone()
-        acc.end_training()
+
+def resume(trainer, args):
+    """--resume_from latest|PATH: continue from it (latest with no checkpoint yet starts afresh)."""
+    path = resolve_resume(args.resume_from, args.output_dir, trainer.prefix)
+    if path:
+        trainer.resume(path)
+
+
+def finish_run(trainer, dataset=None):
+    """The end of every training stage: summary.json (step, seconds per epoch, one weight
+    fingerprint per process to show they stayed in sync, unreadable images skipped by all), the
+    skip count on stderr, trackers closed."""
+    from accelerate.utils import gather_object
+    acc = trainer.accelerator
+    weights = fingerprint({str(i): p for i, p in enumerate(trainer.params)})
+    fingerprints, skips = gather_object([weights]), gather_object([getattr(dataset, "num_skipped", 0)])
+    if sum(skips):
+        print_main(acc, f"skipped {sum(skips)} unreadable images")
+    if acc.is_main_process:
+        save_json(os.path.join(trainer.args.output_dir, "summary.json"),
+                  dict(step=trainer.step, num_processes=acc.num_processes,
+                       epoch_seconds_and_steps=trainer.epoch_times,
+                       param_fingerprints=fingerprints, skipped_images=sum(skips)))
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained checkpoints -> models
+
+def load_stage1(path, device, dtype=torch.float32):
+    """The stage-1 encoder and its frozen SD from a vision_encoder_{step}.pt checkpoint (or the
+    newest one in a stage-1 run's folder). Returns (encoder, sd, stage-1 config, fingerprint of
+    the encoder weights)."""
+    from models.frozen_sd21 import FrozenSD
+    from models.vision_to_textemb import VisionToTextEmb
+    ckpt = load_checkpoint(resolve_checkpoint(path, "vision_encoder"), "stage1")
+    config = ckpt["config"]
+    encoder = VisionToTextEmb.from_config(config["encoder"])
+    encoder.load_state_dict(ckpt["model"])
+    sd = FrozenSD.from_pretrained(config["sd_model_id"], cond_mode=config["cond_mode"], dtype=dtype)
+    return encoder.to(device), sd.to(device), config, fingerprint(ckpt["model"])
+
+
+def load_vlv(stage1_ckpt, stage2_ckpt, device="cpu"):
+    """The auto-encoder from its two checkpoints (files, or the runs' folders for their newest);
+    refuses a pair that was not trained together."""
+    from models.emb_to_caption import EmbToCaption
+    from models.vlv import VLV
+    stage2_ckpt = resolve_checkpoint(stage2_ckpt, "captioner")
+    ckpt = load_checkpoint(stage2_ckpt, "stage2")
+    config = ckpt["config"]
+    stage1_ckpt = resolve_checkpoint(stage1_ckpt, "vision_encoder")
+    encoder, sd, _, stage1_fingerprint = load_stage1(stage1_ckpt, device)
+    if "encoder" in ckpt["model"]:  # stage 2 fine-tuned the encoder: its weights win
+        encoder.load_state_dict(ckpt["model"]["encoder"])
+    elif stage1_fingerprint != config["stage1_fingerprint"]:
+        die(f"{stage2_ckpt} was trained on the stage-1 weights of {config['stage1_ckpt']}, "
+            f"not on those in {stage1_ckpt}; pass the stage-1 checkpoint it was trained with")
+    captioner = EmbToCaption.from_pretrained(**config["captioner"])
+    captioner.load_trainable_state_dict(ckpt["model"]["captioner"])
+    vlv = VLV(encoder, sd, captioner, config["prefix_source"], config["image_size"])
+    return vlv.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports: markdown tables and image grids
+
+def markdown_table(header, rows):
+    """header: column names; rows: lists of cells (str() of each) -> a markdown table."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+ATTRIBUTES = ("colour", "shape", "size", "position", "relation", "all")
+
+
+def accuracy_table(groups, title):
+    """data.toy_world.grouped_accuracy's groups -> one table: an attribute a row, a group a column
+    (seen, seen by number of objects, held-out), cells accuracy (correct/total)."""
+    names = [n for n in ("seen", "seen, 1 object", "seen, 2 objects", "heldout")
+             if groups.get(n, {}).get("num_images")]
+    header = [title] + [f"{n.replace('heldout', 'held-out')} (n={groups[n]['num_images']})" for n in names]
+    rows = []
+    for attr in ATTRIBUTES:
+        if any(attr in groups[n] for n in names):
+            rows.append([attr] + [f"{groups[n][attr]['accuracy']:.3f} ({groups[n][attr]['correct']}/"
+                                  f"{groups[n][attr]['total']})" if attr in groups[n] else "-" for n in names])
+    return markdown_table(header, rows)
+
+
+def to_pil(image):
+    """[3,H,W] float tensor in [0,1], uint8 HxWx3 array or PIL image -> PIL RGB image."""
+    from PIL import Image
+    from torchvision.transforms.functional import to_pil_image
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if torch.is_tensor(image):  # rounded: to_pil_image of a float tensor truncates
+        return to_pil_image((image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8))
+    return Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+
+
+def save_image(path, image):
+    """One image ([3,H,W] in [0,1], array or PIL) -> PNG, written atomically."""
+    with atomic_path(path, ".tmp.png") as tmp:
+        to_pil(image).save(tmp)
+
+
+def save_grid(path, images, ncol, captions=None, colours=None, tile=None, pad=2):
+    """images ([3,H,W] tensors in [0,1], uint8 arrays or PIL images) -> one PNG grid, ncol cells a
+    row, written atomically. tile (w, h) or an int fits every image into that box (aspect kept;
+    enlarged with NEAREST so small toy images stay crisp); captions (one per image, may hold
+    newlines) go underneath, wrapped, in colours (one RGB per caption; black by default)."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+    pils = [to_pil(x) for x in images]
+    if tile is not None:
+        w, h = (tile, tile) if isinstance(tile, int) else tile
+        fitted = []
+        for im in pils:
+            scale = min(w / im.width, h / im.height)
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            im = im.resize(size, Image.NEAREST if scale > 1 else Image.BOX)
+            cell = Image.new("RGB", (w, h), "white")
+            cell.paste(im, ((w - im.width) // 2, (h - im.height) // 2))
+            fitted.append(cell)
+        pils = fitted
+    cw, ch = max(im.width for im in pils), max(im.height for im in pils)
+    font, text = ImageFont.load_default(), []
+    if captions is not None:
+        chars = max(8, int(cw / font.getlength("n")))
+        text = ["\n".join(line for para in str(c).split("\n") for line in textwrap.wrap(para, chars) or [""])
+                for c in captions]
+    line_h = font.getbbox("Ag")[3] + 2
+    text_h = max((t.count("\n") + 1 for t in text), default=0) * line_h
+    rows = -(-len(pils) // ncol)
+    sheet = Image.new("RGB", (ncol * (cw + pad) + pad, rows * (ch + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, im in enumerate(pils):
+        x, y = pad + (i % ncol) * (cw + pad), pad + (i // ncol) * (ch + text_h + pad)
+        sheet.paste(im, (x, y))
+        if text:
+            colour = tuple(colours[i]) if colours is not None else (0, 0, 0)
+            draw.multiline_text((x, y + ch + 1), text[i], fill=colour, font=font, spacing=2)
+    with atomic_path(path, ".tmp.png") as tmp:
+        sheet.save(tmp)

@@ -5,17 +5,17 @@ noise (or v) of the image's own latents. Only E trains.
 
     python train_stage1.py --preset toy --output_dir checkpoints/toy/stage1
     python train_stage1.py --data_dir data/coco2017 --sd_model_id stabilityai/stable-diffusion-2-1-base \
-        --image_size 384 --batch_size 32 --lr 1e-4 --epochs 3 --mixed_precision fp16 --output_dir checkpoints/stage1
+        --image_size 384 --batch_size 32 --lr 1e-4 --epochs 3 --output_dir checkpoints/stage1
     accelerate launch --num_processes 8 train_stage1.py ...   (or torchrun --nproc_per_node 8)
 """
 import argparse
 import os
 
 import torch
-from accelerate.utils import set_seed
 
 import common
-from data.coco import collate_skip_none, make_images_dataset
+import errors
+from data.coco import make_images_dataset
 from models.frozen_sd21 import FrozenSD
 from models.vision_to_textemb import VisionToTextEmb
 
@@ -86,18 +86,12 @@ def save_reconstructions(path, encoder, sd, images, args):
     recon = torch.nn.functional.interpolate(recon.float().cpu(), size=images.shape[-2:],
                                             mode="bilinear", antialias=True)
     pairs = torch.stack([images.float().cpu(), recon], dim=1).flatten(0, 1)  # [2N,3,H,W]
-    common.save_grid(path, pairs, nrow=2)
+    common.save_grid(path, pairs, ncol=2)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.output_dir, exist_ok=True)
-    accelerator = common.make_accelerator(args, "vlv_stage1")
-    set_seed(args.seed, device_specific=True)  # seed + process index
-    if accelerator.is_main_process:
-        common.save_json(os.path.join(args.output_dir, "args.json"), vars(args))
-
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    accelerator, weight_dtype = common.setup_run(args, "vlv_stage1")
     sd = FrozenSD.from_pretrained(args.sd_model_id, cond_mode=args.cond_mode, dtype=weight_dtype)
     sd.to(accelerator.device)
     dataset = make_images_dataset(args.data_dir, args.split, args.image_size, args.subset_ratio,
@@ -107,25 +101,20 @@ def main(argv=None):
                    f"{args.batch_size}; lower --batch_size")
     encoder = VisionToTextEmb(sd.seq_len, sd.embed_dim, args.backbone, args.backbone_weights,
                               width=args.encoder_width, num_layers=args.encoder_layers)
-    loader = accelerator.prepare(torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-        num_workers=args.num_workers, collate_fn=collate_skip_none,
-        # Its own generator, so starting an epoch draws nothing from the global RNG that the noise
-        # and timesteps come from: a resumed run then draws exactly what an unbroken one draws.
-        generator=torch.Generator().manual_seed(args.seed)))
+    loader = common.train_loader(dataset, args, accelerator)
     optimizer, lr_scheduler, steps_per_epoch, max_steps = common.build_optimization(
         accelerator, args, encoder.parameters(), loader)
     encoder, optimizer, lr_scheduler = accelerator.prepare(encoder, optimizer, lr_scheduler)
     unwrapped = accelerator.unwrap_model(encoder)
     config = dict(encoder=unwrapped.config, sd_model_id=args.sd_model_id, cond_mode=args.cond_mode,
                   image_size=args.image_size)
-    trainer = common.Trainer(accelerator, args, encoder, optimizer, lr_scheduler, loader,
-                             steps_per_epoch, max_steps, CKPT_KIND, CKPT_PREFIX, config,
-                             model_state=unwrapped.state_dict, load_model_state=unwrapped.load_state_dict)
-    resume_path = common.resolve_resume(args.resume_from, args.output_dir, CKPT_PREFIX)
-    if resume_path:
-        trainer.resume(resume_path)
-
+    trainer = common.Trainer(
+        accelerator=accelerator, args=args, model=encoder, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        loader=loader, steps_per_epoch=steps_per_epoch, max_steps=max_steps, kind=CKPT_KIND,
+        prefix=CKPT_PREFIX, config=config, model_state=unwrapped.state_dict,
+        load_model_state=unwrapped.load_state_dict,
+        free_on_resume={"cache_latents"})  # the same trajectory with or without the cache (LatentCache)
+    common.resume(trainer, args)
     cache = LatentCache() if args.cache_latents else None
 
     def compute_loss(batch):
@@ -136,8 +125,8 @@ def main(argv=None):
             latents = sd.encode_images(images)
         return sd.loss(latents, encoder(images))
 
-    val_items = common.validation_items(dataset, args.num_validation_images)
-    val_images = torch.stack([x["pixel_values"] for x in val_items]).to(accelerator.device)
+    val_images = torch.stack([x["pixel_values"] for x in common.validation_items(
+        dataset, args.num_validation_images)]).to(accelerator.device)
 
     def validate(step):
         save_reconstructions(os.path.join(args.output_dir, f"reconstructions_{step}.png"),
@@ -146,12 +135,9 @@ def main(argv=None):
     trainer.train(compute_loss, validate, args.validation_steps, desc="stage1")
     if cache is not None:
         common.print_main(accelerator, f"latent cache: {len(cache.store)} images encoded once")
-    skipped = getattr(dataset, "num_skipped", 0)
-    if skipped:
-        print(f"skipped {skipped} unreadable images (process {accelerator.process_index})")
-    trainer.finish(skipped)
+    common.finish_run(trainer, dataset)
     return trainer.step
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

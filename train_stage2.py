@@ -5,22 +5,21 @@ SD text encoder's output, as in the paper) is projected into a causal LM's input
 the LM is taught the image's caption (teacher forcing, end token trained). The LM is frozen by
 default; --lora adapts it with peft, --finetune_lm trains it whole.
 
-    python train_stage2.py --preset toy --stage1_ckpt checkpoints/toy/stage1/vision_encoder_600.pt \
-        --output_dir checkpoints/toy/stage2
+    python train_stage2.py --preset toy --stage1_ckpt checkpoints/toy/stage1 --output_dir checkpoints/toy/stage2
     python train_stage2.py --stage1_ckpt checkpoints/stage1/vision_encoder_3000.pt --data_dir data/coco2017 \
-        --llm distilgpt2 --epochs 3 --batch_size 8 --lr 5e-5 --mixed_precision fp16 --output_dir checkpoints/stage2
+        --llm distilgpt2 --epochs 3 --batch_size 8 --lr 5e-5 --output_dir checkpoints/stage2
 """
 import argparse
 import os
 
 import torch
-from accelerate.utils import set_seed
 
 import common
-from data.coco import CocoImageCaptionDataset, collate_skip_none
+import errors
+from data.coco import CocoImageCaptionDataset
 from models.emb_to_caption import EmbToCaption, flatten_references
 from models.vision_to_textemb import VisionToTextEmb
-from models.vlv import VLV, load_stage1
+from models.vlv import VLV
 
 CKPT_PREFIX = "captioner"
 CKPT_KIND = "stage2"
@@ -32,16 +31,19 @@ def build_parser():
     common.add_data_args(p, "COCO 2017 root (annotations/, train2017/)",
                          image_size_help="default: stage 1's image size")
     g = p.add_argument_group("model")
-    g.add_argument("--stage1_ckpt", required=True, help="vision_encoder_{step}.pt from train_stage1.py")
+    g.add_argument("--stage1_ckpt", required=True,
+                   help="vision_encoder_{step}.pt from train_stage1.py, or its --output_dir (the newest there)")
     g.add_argument("--llm", default="distilgpt2", help="any causal LM: hub id or local HF folder")
     g.add_argument("--proj", default="mlp", choices=["mlp", "linear"], help="projection psi of z")
     g.add_argument("--prefix_source", default="cond", choices=["cond", "z"],
                    help="cond: the SD text encoder's output cond(z) (the paper); z: z itself")
-    g.add_argument("--finetune_encoder", action="store_true", help="train the vision encoder too")
+    g.add_argument("--finetune_encoder", action=argparse.BooleanOptionalAction, default=False,
+                   help="train the vision encoder too")
     g.add_argument("--reinit_encoder", action="store_true",
                    help="baseline without stage 1: the same encoder freshly initialised and trained "
                         "with the captioner (implies --finetune_encoder)")
-    g.add_argument("--finetune_lm", action="store_true", help="train the whole LM (default: frozen)")
+    g.add_argument("--finetune_lm", action=argparse.BooleanOptionalAction, default=False,
+                   help="train the whole LM (default: frozen)")
     g.add_argument("--lora", action="store_true", help="adapt the frozen LM with LoRA (peft)")
     g.add_argument("--lora_rank", type=int, default=8)
     g.add_argument("--caption_loss", default="sampled", choices=["sampled", "best_ref", "posterior_ref"],
@@ -68,20 +70,17 @@ def parse_args(argv=None):
     if args.two_object_repeat < 1:
         common.die(f"--two_object_repeat {args.two_object_repeat}: must be 1 (no repeats) or more")
     if args.lora and args.finetune_lm:
-        common.die("--lora and --finetune_lm both adapt the LM; pass one of them")
+        common.die("--lora and --finetune_lm both adapt the LM; pass one of them (--no-finetune_lm turns "
+                   "off a preset's)")
+    args.stage1_ckpt = common.resolve_checkpoint(args.stage1_ckpt, "vision_encoder")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.output_dir, exist_ok=True)
-    accelerator = common.make_accelerator(args, "vlv_stage2")
-    set_seed(args.seed, device_specific=True)
-    if accelerator.is_main_process:
-        common.save_json(os.path.join(args.output_dir, "args.json"), vars(args))
-
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    encoder, sd, stage1_config, stage1_fingerprint = load_stage1(args.stage1_ckpt, accelerator.device, weight_dtype)
+    accelerator, weight_dtype = common.setup_run(args, "vlv_stage2")
+    encoder, sd, stage1_config, stage1_fingerprint = common.load_stage1(args.stage1_ckpt, accelerator.device,
+                                                                        weight_dtype)
     image_size = args.image_size or stage1_config["image_size"]
     if args.reinit_encoder:  # keep stage 1's shapes and frozen SD, drop what it learned
         encoder = VisionToTextEmb.from_config(stage1_config["encoder"]).to(accelerator.device)
@@ -103,12 +102,7 @@ def main(argv=None):
                        f"no toy-world scene to count objects in; it is for the toy world, drop it for COCO")
         dataset.repeat_images({i: args.two_object_repeat for i, scene in scenes.items()
                                if len(scene["objects"]) == 2})
-    loader = accelerator.prepare(torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-        num_workers=args.num_workers, collate_fn=collate_skip_none,
-        # Its own generator, so starting an epoch draws nothing from the global RNG that the noise
-        # and timesteps come from: a resumed run then draws exactly what an unbroken one draws.
-        generator=torch.Generator().manual_seed(args.seed)))
+    loader = common.train_loader(dataset, args, accelerator)
     trainable = [p for p in vlv.parameters() if p.requires_grad]
     optimizer, lr_scheduler, steps_per_epoch, max_steps = common.build_optimization(
         accelerator, args, trainable, loader)
@@ -133,11 +127,11 @@ def main(argv=None):
     if accelerator.is_main_process:
         common.save_json(os.path.join(args.output_dir, "config.json"), config)
         captioner.tokenizer.save_pretrained(args.output_dir)
-    trainer = common.Trainer(accelerator, args, model, optimizer, lr_scheduler, loader, steps_per_epoch,
-                             max_steps, CKPT_KIND, CKPT_PREFIX, config, model_state, load_model_state)
-    resume_path = common.resolve_resume(args.resume_from, args.output_dir, CKPT_PREFIX)
-    if resume_path:
-        trainer.resume(resume_path)
+    trainer = common.Trainer(
+        accelerator=accelerator, args=args, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        loader=loader, steps_per_epoch=steps_per_epoch, max_steps=max_steps, kind=CKPT_KIND,
+        prefix=CKPT_PREFIX, config=config, model_state=model_state, load_model_state=load_model_state)
+    common.resume(trainer, args)
 
     def compute_loss(batch):  # through DDP, so gradients sync
         if args.caption_loss == "sampled":
@@ -155,12 +149,9 @@ def main(argv=None):
         print("\n".join(lines), flush=True)
 
     trainer.train(compute_loss, validate, args.validation_steps, desc="stage2")
-    skipped = getattr(dataset, "num_skipped", 0)
-    if skipped:
-        print(f"skipped {skipped} unreadable images (process {accelerator.process_index})")
-    trainer.finish(skipped)
+    common.finish_run(trainer, dataset)
     return trainer.step
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

@@ -2,37 +2,45 @@
 an image scored after one shared run of its prefix (the KV cache reused by all its captions)
 against one copy of the prefix per caption; same scores, same picks, one run.
 
-    python benchmarks/reference_scoring.py --stage1_ckpt checkpoints/toy/stage1/vision_encoder_800.pt \
-        --stage2_ckpt checkpoints/toy/stage2/captioner_1400.pt --data_dir checkpoints/toy/data
+    python -m benchmarks.reference_scoring --stage1_ckpt checkpoints/toy/stage1 \
+        --stage2_ckpt checkpoints/toy/stage2 --data_dir checkpoints/toy/data
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.coco import CocoImageCaptionDataset  # noqa: E402
-from models.emb_to_caption import best_in_group, flatten_references  # noqa: E402
-from models.vlv import load_vlv  # noqa: E402
+import common
+import errors
+from data.coco import CocoImageCaptionDataset
+from models.emb_to_caption import best_in_group, flatten_references
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage1_ckpt", required=True)
-    p.add_argument("--stage2_ckpt", required=True)
+    p.add_argument("--stage1_ckpt", required=True, help="vision_encoder_{step}.pt, or the stage-1 run's folder")
+    p.add_argument("--stage2_ckpt", required=True, help="captioner_{step}.pt, or the stage-2 run's folder")
     p.add_argument("--data_dir", default="checkpoints/toy/data")
     p.add_argument("--batch_size", type=int, default=32, help="images per batch (the toy stage-2 batch)")
     p.add_argument("--num_batches", type=int, default=10)
     args = p.parse_args(argv)
+    if min(args.batch_size, args.num_batches) < 1:
+        common.die("--batch_size and --num_batches must be 1 or more")
 
-    vlv = load_vlv(args.stage1_ckpt, args.stage2_ckpt, "cpu")
+    vlv = common.load_vlv(args.stage1_ckpt, args.stage2_ckpt, "cpu")
     captioner = vlv.captioner.eval()
     data = CocoImageCaptionDataset(args.data_dir, split="train", image_size=vlv.image_size)
+    first_item = {}  # image_id -> its first caption item: one item per image, all its references scored
+    for i, (image_id, _) in enumerate(data.items):
+        first_item.setdefault(image_id, i)
+    ids = data.image_ids
+    if len(ids) < args.batch_size * args.num_batches:
+        common.die(f"--data_dir {args.data_dir} has {len(ids)} train images, fewer than --batch_size "
+                   f"{args.batch_size} x --num_batches {args.num_batches}; lower either")
     batches = []
     for b in range(args.num_batches):
-        items = [data[i] for i in range(b * args.batch_size, (b + 1) * args.batch_size)]
+        items = [data[first_item[i]] for i in ids[b * args.batch_size:(b + 1) * args.batch_size]]
+        items = [x for x in items if x is not None]
         captions, groups = flatten_references([data.captions_by_image[int(x["image_id"])] for x in items])
         with torch.no_grad():
             prefix = vlv.prefix(torch.stack([x["pixel_values"] for x in items]))   # [B,L,D]
@@ -56,15 +64,18 @@ def main(argv=None):
                for a, b, (_, _, g) in zip(copied, shared, batches))
     diff = max((a - b).abs().max().item() for a, b in zip(copied, shared))
     n_refs = sum(len(c) for _, c, _ in batches)
-    print(f"{args.num_batches} batches of {args.batch_size} toy train images, {n_refs} references, "
-          f"prefix {batches[0][0].shape[1]} vectors, {torch.get_num_threads()} CPU threads")
-    print("| scoring every reference | ms per batch | same picks | max score difference |")
-    print("|---|---|---|---|")
-    print(f"| one copy of the prefix per reference | {1000 * t_copied / args.num_batches:.0f} | - | - |")
-    print(f"| the prefix once per image, KV cache shared | {1000 * t_shared / args.num_batches:.0f} | "
-          f"{same}/{args.num_batches} | {diff:.1e} |")
+    n = args.num_batches
+    print(common.machine_description())
+    print(f"{n} batches of {args.batch_size} toy train images, {n_refs} references, "
+          f"prefix {batches[0][0].shape[1]} vectors")
+    print(common.markdown_table(
+        ["scoring every reference", "ms per batch", "same picks", "max score difference"],
+        [["one copy of the prefix per reference", f"{1000 * t_copied / n:.0f}", "-", "-"],
+         ["the prefix once per image, KV cache shared", f"{1000 * t_shared / n:.0f}", f"{same}/{n}", f"{diff:.1e}"]]))
     print(f"speed-up: {t_copied / t_shared:.1f}x")
+    return dict(num_batches=n, num_references=n_refs, same_picks=same, max_difference=diff,
+                seconds={"copied": t_copied, "shared": t_shared})
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

@@ -3,29 +3,30 @@
 The step is train_stage1's: the frozen SD (in the run's weight dtype) scores the encoder's z on cached
 latents, backward into the encoder, AdamW (not through train_stage1.main, which always takes the
 math kernel in bf16 on a CPU). The three settings take turns, so a drift of the
-machine's speed reaches all of them alike; the median of each is printed.
-    python benchmarks/stage1_precision.py --sd_model_id checkpoints/toy/teacher
+machine's speed reaches all of them alike; the median of each is printed, and which of them
+train_stage1's `--mixed_precision auto` runs on this machine.
+
+    python -m benchmarks.stage1_precision --sd_model_id checkpoints/toy/teacher
 """
 import argparse
 import contextlib
-import os
-import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-import train_stage1  # noqa: E402
-from models.frozen_sd21 import FrozenSD  # noqa: E402
-from models.vision_to_textemb import VisionToTextEmb  # noqa: E402
+import common
+import errors
+import train_stage1
+from benchmarks import timing
+from models.frozen_sd21 import FrozenSD
+from models.vision_to_textemb import VisionToTextEmb
 
 SETTINGS = {  # name: (weight dtype, the attention context of the step)
     "fp32": (torch.float32, contextlib.nullcontext),
     "bf16, SDPA's default kernel (flash)": (torch.bfloat16, contextlib.nullcontext),
     "bf16, math kernel (train_stage1)": (torch.bfloat16, lambda: common.attention_kernel("cpu", "bf16")),
 }
+AUTO_RUNS = {"no": "fp32", "bf16": "bf16, math kernel (train_stage1)"}  # what train_stage1 runs, by setting
 
 
 def make_step(sd, attention, preset):
@@ -56,9 +57,17 @@ def main(argv=None):
     p.add_argument("--sd_model_id", default="checkpoints/toy/teacher")
     p.add_argument("--rounds", type=int, default=5, help="turns of each setting")
     p.add_argument("--steps", type=int, default=4, help="timed steps per turn (after one warm-up)")
+    p.add_argument("--batch_size", type=int, default=None, help="default: the toy preset's")
+    p.add_argument("--image_size", type=int, default=None, help="default: the toy preset's")
     args = p.parse_args(argv)
+    if min(args.rounds, args.steps) < 1:
+        common.die("--rounds and --steps must be 1 or more")
     # The toy preset's encoder and batch: parsed, not copied.
     preset = train_stage1.parse_args(["--preset", "toy", "--data_dir", ".", "--output_dir", "."])
+    if args.batch_size is not None:
+        preset.batch_size = args.batch_size
+    if args.image_size is not None:
+        preset.image_size = args.image_size
     sds = {dtype: FrozenSD.from_pretrained(args.sd_model_id, dtype=dtype)  # one per precision, shared
            for dtype, _ in SETTINGS.values()}
     steps = {name: make_step(sds[dtype], attention, preset) for name, (dtype, attention) in SETTINGS.items()}
@@ -70,21 +79,13 @@ def main(argv=None):
             for _ in range(args.steps):
                 step()
             times[name].append((time.perf_counter() - start) / args.steps)
-    print_medians(f"stage-1 step, batch {preset.batch_size}, {preset.image_size} px, {torch.get_num_threads()} "
-                  f"threads, median of {args.rounds} turns of {args.steps} steps", times)
-
-
-def print_medians(title, times):
-    """times {setting: [seconds a step, one per turn]} -> a markdown table of the medians, each
-    against the first setting's."""
-    base = statistics.median(next(iter(times.values())))
-    print(title)
-    print(f"| setting | s/step | against {next(iter(times))} |")
-    print("|---|---|---|")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {name} | {med:.3f} | {base / med:.2f}x |")
+    print(common.machine_description())
+    medians = timing.print_medians(f"stage-1 step, batch {preset.batch_size}, {preset.image_size} px, "
+                                   f"median of {args.rounds} turns of {args.steps} steps", times)
+    auto, line = timing.auto_precision(cuda=False)
+    print(f"{line}: train_stage1 runs the row {AUTO_RUNS.get(auto, auto)!r}")
+    return dict(medians=medians, auto=auto)
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

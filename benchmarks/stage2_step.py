@@ -1,51 +1,38 @@
-"""Stage-2 step time on the CPU, through train_stage2.main itself: fp32 against bf16, and AdamW's
-per-parameter loop against its fused kernel (common.build_optimization's since 2026-12-02).
+"""Stage-2 step time on the CPU, through train_stage2.main itself: fp32 against bf16.
 
 Each turn trains the toy preset's stage 2 as the pipeline runs it (posterior_ref, the LM and the
 encoder trained) for a few steps from a pipeline run's stage 1 and reads the seconds the run
 itself counts (summary.json: data and compute, no checkpoints or samples). The settings take
-turns, so a drift of the machine's speed reaches all of them alike; the median of each is printed.
+turns, so a drift of the machine's speed reaches all of them alike; the median of each is printed,
+and which of them `--mixed_precision auto` runs on this machine.
 
-    python benchmarks/stage2_step.py --run checkpoints/toy
+    python -m benchmarks.stage2_step --run checkpoints/toy
 """
 import argparse
 import contextlib
 import json
 import os
-import sys
 import tempfile
-from unittest import mock
 
-import torch
+import common
+import errors
+import train_stage2
+from benchmarks import timing
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-import train_stage1  # noqa: E402
-import train_stage2  # noqa: E402
-from stage1_precision import print_medians  # noqa: E402  (this folder is on sys.path)
-
-SETTINGS = {  # name: (--mixed_precision, AdamW fused)
-    "fp32, AdamW loop (until 2026-12-02)": ("no", False),
-    "bf16, AdamW loop": ("bf16", False),
-    "bf16, AdamW fused (the default now)": ("bf16", True),
-}
+SETTINGS = {"fp32": "no", "bf16": "bf16"}  # name: --mixed_precision
 
 
-def seconds_per_step(run, stage1_ckpt, out, precision, fused, steps, batch_size):
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state()  # as in a new process: accelerate keeps one mixed precision per process
-    GradientState._reset_state()
-    real = torch.optim.AdamW
-    adamw = mock.patch("torch.optim.AdamW", lambda *a, **k: real(*a, **{**k, "fused": fused}))
-    with adamw, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+def seconds_per_step(run, out, precision, steps, batch_size, num_workers):
+    common.fresh_accelerator_state()  # accelerate keeps one mixed precision per process
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         train_stage2.main(["--preset", "toy", "--data_dir", f"{run}/data", "--llm", f"{run}/lm",
-                           "--stage1_ckpt", stage1_ckpt, "--output_dir", out, "--batch_size", str(batch_size),
-                           "--finetune_lm", "--finetune_encoder", "--mixed_precision", precision,
+                           "--stage1_ckpt", f"{run}/stage1", "--output_dir", out, "--batch_size", str(batch_size),
+                           "--mixed_precision", precision, "--num_workers", str(num_workers),
                            "--max_steps", str(steps), "--checkpointing_steps", str(steps),
                            "--validation_steps", "0", "--num_validation_images", "1"])
     with open(os.path.join(out, "summary.json")) as f:
-        seconds, n = json.load(f)["epoch_seconds_and_steps"]["0"]
-    return seconds / n
+        epochs = json.load(f)["epoch_seconds_and_steps"].values()
+    return sum(s for s, _ in epochs) / sum(n for _, n in epochs)
 
 
 def main(argv=None):
@@ -54,19 +41,28 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="turns of each setting")
     p.add_argument("--steps", type=int, default=30, help="steps per turn")
     p.add_argument("--batch_size", type=int, default=common.PRESETS["toy"]["stage2"]["batch_size"])
+    p.add_argument("--num_workers", type=int, default=train_stage2.build_parser().get_default("num_workers"),
+                   help="data-loading processes (train_stage2's default, as the pipeline runs it)")
     args = p.parse_args(argv)
-    stage1_ckpt = common.resolve_resume("latest", f"{args.run}/stage1", train_stage1.CKPT_PREFIX)
-    if stage1_ckpt is None:
-        common.die(f"no {train_stage1.CKPT_PREFIX}_*.pt in {args.run}/stage1; pass --run a toy pipeline's OUT")
+    if min(args.rounds, args.steps) < 1:
+        common.die("--rounds and --steps must be 1 or more")
+    for part in ("data", "lm", "stage1"):
+        if not os.path.isdir(os.path.join(args.run, part)):
+            common.die(f"--run {args.run} has no {part}/; pass a toy pipeline's OUT (bash scripts/toy_pipeline.sh "
+                       f"writes checkpoints/toy)")
     times = {name: [] for name in SETTINGS}
     for _ in range(args.rounds):
-        for name, (precision, fused) in SETTINGS.items():
+        for name, precision in SETTINGS.items():
             with tempfile.TemporaryDirectory() as out:
-                times[name].append(seconds_per_step(args.run, stage1_ckpt, out, precision, fused, args.steps,
-                                                    args.batch_size))
-    print_medians(f"toy stage-2 step (batch {args.batch_size}, posterior_ref, LM and encoder trained), "
-                  f"{torch.get_num_threads()} threads, median of {args.rounds} turns of {args.steps} steps", times)
+                times[name].append(seconds_per_step(args.run, out, precision, args.steps, args.batch_size,
+                                                    args.num_workers))
+    print(common.machine_description())
+    medians = timing.print_medians(f"toy stage-2 step (batch {args.batch_size}, posterior_ref, LM and encoder "
+                                   f"trained), median of {args.rounds} turns of {args.steps} steps", times)
+    auto, line = timing.auto_precision()
+    print(f"{line}: train_stage2 runs the row {'bf16' if auto == 'bf16' else 'fp32'!r}")
+    return dict(medians=medians, auto=auto)
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

@@ -2,20 +2,19 @@
 images generated from the ground-truth caption's text embedding. VLV's claim is that the first
 matches the second.
 
-    python benchmarks/z_carries.py --stage1_ckpt checkpoints/toy/stage1/vision_encoder_600.pt \
+    python -m benchmarks.z_carries --stage1_ckpt checkpoints/toy/stage1 \
         --data_dir checkpoints/toy/data --num_images 200
 """
 import argparse
-import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.coco import CocoImageCaptionDataset  # noqa: E402
-from data.judge import judge_accuracy  # noqa: E402
-from models.vlv import load_stage1  # noqa: E402
+import common
+import errors
+from data.coco import CocoImageCaptionDataset
+from data.judge import judge_image
+from data.toy_world import attribute_scores, grouped_accuracy
 
 
 def to_uint8(images):
@@ -24,7 +23,7 @@ def to_uint8(images):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage1_ckpt", required=True)
+    p.add_argument("--stage1_ckpt", required=True, help="vision_encoder_{step}.pt, or the stage-1 run's folder")
     p.add_argument("--data_dir", default="checkpoints/toy/data")
     p.add_argument("--split", default="val")
     p.add_argument("--num_images", type=int, default=200)
@@ -33,45 +32,46 @@ def main(argv=None):
     p.add_argument("--guidance_scale", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if min(args.num_images, args.batch_size, args.num_inference_steps) < 1:
+        common.die("--num_images, --batch_size and --num_inference_steps must be 1 or more")
 
-    encoder, sd, config, _ = load_stage1(args.stage1_ckpt, "cpu")
+    encoder, sd, config, _ = common.load_stage1(args.stage1_ckpt, "cpu")
     encoder.eval()
     data = CocoImageCaptionDataset(args.data_dir, split=args.split, image_size=config["image_size"])
     ids = data.image_ids[:args.num_images]
+    if any("scene" not in data.images_info[i] for i in ids):
+        common.die(f"{args.data_dir}: not a toy world (its images have no scene); "
+                   f"generate one with `python -m data.toy_world`")
     first_item = {}  # image_id -> index of its first caption item
     for i, (image_id, _) in enumerate(data.items):
         first_item.setdefault(image_id, i)
-    rows = {"original image": [], "from z (stage 1)": [], "from the caption": []}
-    scenes, heldout = [], []
+    sources = {"original image": [], "from z (stage 1)": [], "from the caption": []}
+    entries = []
     with torch.no_grad():
         for start in range(0, len(ids), args.batch_size):
             batch = [data[first_item[i]] for i in ids[start:start + args.batch_size]]
+            batch = [b for b in batch if b is not None]  # unreadable images (the dataset warned)
+            if not batch:
+                continue
             images = torch.stack([b["pixel_values"] for b in batch])
             captions = [data.captions_by_image[b["image_id"]][0] for b in batch]
             gen = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                        seed=args.seed + start)
-            rows["original image"] += to_uint8(images)
-            rows["from z (stage 1)"] += to_uint8(sd.generate(sd.condition(encoder(images)), **gen))
-            rows["from the caption"] += to_uint8(sd.generate(sd.embed_text(captions), **gen))
-            for b in batch:
-                info = data.images_info[b["image_id"]]
-                scenes.append(info["scene"])
-                heldout.append(bool(info.get("heldout")))
+            sources["original image"] += to_uint8(images)
+            sources["from z (stage 1)"] += to_uint8(sd.generate(sd.condition(encoder(images)), **gen))
+            sources["from the caption"] += to_uint8(sd.generate(sd.embed_text(captions), **gen))
+            entries += [data.images_info[b["image_id"]] for b in batch]
 
-    print(f"judge's attribute accuracy, {len(ids)} {args.split} images, "
+    print(common.machine_description())
+    print(f"judge's attribute accuracy, {len(entries)} {args.split} images, "
           f"{args.num_inference_steps} DDIM steps, guidance {args.guidance_scale}")
-    print("| source | split | n | colour | shape | size | position | relation | all |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, images in rows.items():
-        for label, keep in (("seen", False), ("held-out", True)):
-            idx = [i for i, h in enumerate(heldout) if h == keep]
-            if not idx:
-                continue
-            acc = judge_accuracy([images[i] for i in idx], [scenes[i] for i in idx])
-            cells = [f"{acc[k]:.3f}" if k in acc else "-" for k in
-                     ("colour", "shape", "size", "position", "relation", "all")]
-            print(f"| {name} | {label} | {len(idx)} | " + " | ".join(cells) + " |")
+    results = {}
+    for name, images in sources.items():
+        scores = [attribute_scores(judge_image(img), e["scene"]) for img, e in zip(images, entries)]
+        results[name] = grouped_accuracy(scores, entries)
+        print(("\n" if len(results) > 1 else "") + common.accuracy_table(results[name], name), flush=True)
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

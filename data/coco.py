@@ -26,24 +26,13 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, default_collate
 from torchvision import transforms
 
+from errors import BadInput, UnreadableImage
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 
 # Files already warned about in this process (each DataLoader worker has its own set).
 _warned_paths = set()
-
-
-class UnreadableImage(Exception):
-    """An image file that is missing, truncated, corrupt or not an image."""
-
-    def __init__(self, path, reason):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
-def _die(message):
-    raise SystemExit(f"error: {message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +105,21 @@ def image_transform(image_size):
     ])
 
 
+def read_pixels(path, transform, skipped=None):
+    """transform(load_rgb(path)), or None for an unreadable file: warned about once per file per
+    process, and added to the set `skipped` when one is given. The one rule every reader of many
+    images follows (datasets, infer.py --image_dir, eval_captioning.py): skip, count, go on."""
+    try:
+        return transform(load_rgb(path))
+    except UnreadableImage as e:
+        if skipped is not None:
+            skipped.add(path)
+        if path not in _warned_paths:
+            _warned_paths.add(path)
+            warnings.warn(f"skipping unreadable image {path}: {e.reason}", stacklevel=2)
+        return None
+
+
 def collate_skip_none(batch):
     """default_collate over the readable items; None when every item of the batch was unreadable."""
     batch = [item for item in batch if item is not None]
@@ -133,7 +137,7 @@ def check_subset_ratio(subset_ratio):
     except (TypeError, ValueError):
         ratio = float("nan")
     if not (0 < ratio <= 1):  # also catches NaN
-        _die(f"--subset_ratio {subset_ratio} must be in (0, 1]; e.g. 0.1 keeps a tenth of the images")
+        raise BadInput(f"--subset_ratio {subset_ratio} must be in (0, 1]; e.g. 0.1 keeps a tenth of the images")
     return ratio
 
 
@@ -152,7 +156,7 @@ class _ImageDataset(Dataset):
 
     def __init__(self, image_size):
         if not isinstance(image_size, int) or image_size <= 0:
-            _die(f"--image_size {image_size} must be a positive integer")
+            raise BadInput(f"--image_size {image_size} must be a positive integer")
         self.image_size = image_size
         self.transform = image_transform(image_size)
         self.skipped_files = set()  # this process's unreadable files
@@ -163,14 +167,11 @@ class _ImageDataset(Dataset):
         return len(self.skipped_files)
 
     def _pixels(self, path):
-        try:
-            return self.transform(load_rgb(path))
-        except UnreadableImage as e:
-            self.skipped_files.add(path)
-            if path not in _warned_paths:
-                _warned_paths.add(path)
-                warnings.warn(f"skipping unreadable image {path}: {e.reason}", stacklevel=3)
-            return None
+        return read_pixels(path, self.transform, self.skipped_files)
+
+    def image_of(self, index):
+        """The image id of item `index` (one item per image here; per caption in a caption set)."""
+        return self.image_ids[index]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,37 +179,53 @@ class _ImageDataset(Dataset):
 
 def _read_json(path, what):
     if not os.path.isfile(path):
-        _die(f"{path} does not exist; {what}")
+        raise BadInput(f"{path} does not exist; {what}")
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        _die(f"{path}: not readable JSON ({e}); {what}")
+        raise BadInput(f"{path}: not readable JSON ({e}); {what}")
+
+
+def read_captions(ann_json, hint="pass a COCO captions file (images, annotations with image_id and caption)"):
+    """A COCO captions file, read with pycocotools -> (images, captions): {image_id: image entry}
+    in file order (every extra field kept: the toy world's "scene" and "heldout") and
+    {image_id: [caption, ...]} ([] for an image without captions). The one reader of the format."""
+    from pycocotools.coco import COCO
+
+    if not os.path.isfile(ann_json):
+        raise BadInput(f"{ann_json} does not exist; {hint}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
+            coco = COCO(ann_json)
+        entries = coco.dataset.get("images")
+        if not entries:
+            raise BadInput(f"{ann_json}: no \"images\" entries; {hint}")
+        images = {}
+        for entry in entries:
+            if not isinstance(entry, dict) or "id" not in entry:
+                raise BadInput(f"{ann_json}: an image entry lacks \"id\" ({str(entry)[:100]}); {hint}")
+            images[entry["id"]] = entry
+        captions = {i: [a["caption"].strip() for a in coco.imgToAnns.get(i, []) if "caption" in a]
+                    for i in images}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{ann_json}: not readable JSON ({type(e).__name__}: {e}); {hint}") from None
+    except (AssertionError, KeyError, TypeError, AttributeError) as e:
+        raise BadInput(f"{ann_json}: not a COCO captions file ({type(e).__name__}: {e}); {hint}") from None
+    return images, captions
 
 
 def _read_coco_captions(data_dir, split):
-    """-> ordered [(image_id, entry, [captions])], path function, via pycocotools."""
-    from pycocotools.coco import COCO
-
+    """-> ordered [(image_id, entry, [captions])], {image_id: [candidate paths]}."""
     ann = os.path.join(data_dir, "annotations", f"captions_{split}2017.json")
     hint = (f"pass --data_dir the COCO 2017 root (with annotations/captions_{split}2017.json) "
             f"and a --split it has (train, val)")
-    if not os.path.isfile(ann):
-        _die(f"{ann} does not exist; {hint}")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
-            coco = COCO(ann)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError, KeyError, TypeError) as e:
-        _die(f"{ann}: not a COCO captions file ({type(e).__name__}: {e}); {hint}")
-    if not coco.dataset.get("images"):
-        _die(f"{ann}: no \"images\" entries; {hint}")
-    records = []
-    for entry in coco.dataset["images"]:
-        if "id" not in entry or "file_name" not in entry:
-            _die(f"{ann}: an image entry lacks \"id\" or \"file_name\" ({str(entry)[:100]}); "
-                 f"regenerate the annotation file")
-        captions = [a["caption"].strip() for a in coco.imgToAnns.get(entry["id"], []) if "caption" in a]
-        records.append((entry["id"], entry, captions))
+    images, captions = read_captions(ann, hint)
+    for entry in images.values():
+        if "file_name" not in entry:
+            raise BadInput(f"{ann}: an image entry lacks \"file_name\" ({str(entry)[:100]}); "
+                           f"regenerate the annotation file")
+    records = [(image_id, entry, captions[image_id]) for image_id, entry in images.items()]
     image_dir = os.path.join(data_dir, f"{split}2017")
     paths = {image_id: [os.path.join(image_dir, entry["file_name"])] for image_id, entry, _ in records}
     return records, paths
@@ -217,16 +234,16 @@ def _read_coco_captions(data_dir, split):
 def _read_karpathy(data_dir, split, karpathy_json):
     hint = "pass the Karpathy dataset_coco.json (images: [{filepath, filename, cocoid, split, sentences}])"
     if split not in KARPATHY_SPLITS:
-        _die(f"--split {split} is not a Karpathy split; use one of {', '.join(KARPATHY_SPLITS)} "
+        raise BadInput(f"--split {split} is not a Karpathy split; use one of {', '.join(KARPATHY_SPLITS)} "
              f"(train includes restval)")
     data = _read_json(karpathy_json, hint)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        _die(f"{karpathy_json}: no \"images\" list; {hint}")
+        raise BadInput(f"{karpathy_json}: no \"images\" list; {hint}")
     wanted = ("train", "restval") if split == "train" else (split,)
     records, paths = [], {}
     for entry in data["images"]:
         if not isinstance(entry, dict) or not {"filename", "cocoid", "split"} <= entry.keys():
-            _die(f"{karpathy_json}: an image entry lacks filename, cocoid or split "
+            raise BadInput(f"{karpathy_json}: an image entry lacks filename, cocoid or split "
                  f"({str(entry)[:100]}); {hint}")
         if entry["split"] not in wanted:
             continue
@@ -238,7 +255,7 @@ def _read_karpathy(data_dir, split, karpathy_json):
         paths[image_id] = [os.path.join(data_dir, entry.get("filepath", ""), entry["filename"])] + [
             os.path.join(data_dir, f"{s}2017", f"{image_id:012d}.jpg") for s in ("train", "val")]
     if not records:
-        _die(f"{karpathy_json}: no images in split {split}; {hint}")
+        raise BadInput(f"{karpathy_json}: no images in split {split}; {hint}")
     return records, paths
 
 
@@ -247,7 +264,7 @@ class _CocoBase(_ImageDataset):
         super().__init__(image_size)
         check_subset_ratio(subset_ratio)  # before reading a large annotation file
         if not data_dir or not os.path.isdir(data_dir):
-            _die(f"--data_dir {data_dir} does not exist; pass the COCO 2017 root "
+            raise BadInput(f"--data_dir {data_dir} does not exist; pass the COCO 2017 root "
                  f"(with annotations/ and {split}2017/)")
         self.data_dir, self.split = data_dir, split
         if karpathy_json:
@@ -277,7 +294,7 @@ class CocoImagesOnlyDataset(_CocoBase):
         super().__init__(data_dir, split, image_size, subset_ratio, karpathy_json, seed)
         self.image_ids = [image_id for image_id, _, _ in self._records]
         if not self.image_ids:
-            _die(f"--data_dir {data_dir}: split {split} has no images")
+            raise BadInput(f"--data_dir {data_dir}: split {split} has no images")
 
     def __len__(self):
         return len(self.image_ids)
@@ -303,8 +320,11 @@ class CocoImageCaptionDataset(_CocoBase):
         # Grouped by image, in file order: items of one image are adjacent.
         self.items = [(image_id, c) for image_id, caps in self.captions_by_image.items() for c in caps]
         if not self.items:
-            _die(f"--data_dir {data_dir}: split {split} has no captions"
+            raise BadInput(f"--data_dir {data_dir}: split {split} has no captions"
                  + (f" (in the chosen subset of {len(self._records)} images)" if self._records else ""))
+
+    def image_of(self, index):
+        return self.items[index][0]
 
     def repeat_images(self, repeats):
         """repeats {image_id: k}: every caption of those images appears k times per epoch (k >= 1;
@@ -344,10 +364,10 @@ class ImageFolderDataset(_ImageDataset):
         super().__init__(image_size)
         check_subset_ratio(subset_ratio)
         if not folder or not os.path.isdir(folder):
-            _die(f"--data_dir {folder} does not exist; pass a folder of images")
+            raise BadInput(f"--data_dir {folder} does not exist; pass a folder of images")
         files = list_images(folder)
         if not files:
-            _die(f"--data_dir {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched "
+            raise BadInput(f"--data_dir {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched "
                  f"recursively); pass a folder of images or the COCO 2017 root")
         self.folder = folder
         self.files = [files[i] for i in subset_indices(len(files), subset_ratio, seed)]
@@ -369,7 +389,7 @@ class ImageFolderDataset(_ImageDataset):
 def make_images_dataset(data_dir, split="train", image_size=384, subset_ratio=1.0, karpathy_json=None, seed=0):
     """COCO images when data_dir has annotations/ (or a Karpathy file is given), else a folder."""
     if not data_dir or not os.path.isdir(data_dir):
-        _die(f"--data_dir {data_dir} does not exist; pass the COCO 2017 root (with annotations/ and "
+        raise BadInput(f"--data_dir {data_dir} does not exist; pass the COCO 2017 root (with annotations/ and "
              f"{split}2017/) or a folder of images")
     check_subset_ratio(subset_ratio)
     if karpathy_json or os.path.isdir(os.path.join(data_dir, "annotations")):

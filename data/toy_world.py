@@ -4,7 +4,7 @@ Written in the COCO 2017 layout so the real COCO loader reads it:
     DIR/annotations/captions_{train,val}2017.json   (COCO captions + "scene" and "heldout" per image)
     DIR/train2017/{id:012d}.png   DIR/val2017/{id:012d}.png
 
-    python -m data.toy_world --out_dir checkpoints/toy/data --num_train 20000 --num_val 200 --seed 0
+    python -m data.toy_world --output_dir checkpoints/toy/data --num_train 20000 --num_val 200 --seed 0
 
 A scene is a plain dict, the single source of truth for captions, rendering and scoring:
     {"objects": [{"colour", "shape", "size"}, ...], "position": str|None, "relation": str|None}
@@ -13,11 +13,14 @@ Some (colour, shape) pairs (HELDOUT) never appear in train; part of val holds th
 compositional generalisation can be measured ("heldout": true on those val images).
 """
 import argparse
-import json
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from data.files import atomic_path, save_json
+import errors
+from errors import BadInput
 
 # Well separated in RGB so a nearest-colour rule reads them back from blurry samples.
 COLOURS = {
@@ -205,6 +208,31 @@ def attribute_scores(pred_scene, true_scene):
     return out
 
 
+def grouped_accuracy(results, entries):
+    """results: attribute_scores dicts; entries: the image entries they belong to ({"scene",
+    "heldout"}). -> {group: {"num_images": n, attr: {"correct", "total", "accuracy"}}} for the
+    groups "seen", "heldout", "overall" and, apart, each split by its number of objects ("seen, 1
+    object", "seen, 2 objects", ...): two objects are the hard part (the relation)."""
+    members = {"seen": [], "heldout": [], "overall": []}
+    for result, entry in zip(results, entries):
+        split = "heldout" if entry.get("heldout") else "seen"
+        n = len(entry["scene"]["objects"])
+        for name in (split, f"{split}, {n} object{'s' if n > 1 else ''}", "overall"):
+            members.setdefault(name, []).append(result)
+    groups = {}
+    for name, group in members.items():
+        cells = {}
+        for result in group:
+            for attr, ok in result.items():
+                cell = cells.setdefault(attr, {"correct": 0, "total": 0})
+                cell["correct"] += int(bool(ok))
+                cell["total"] += 1
+        for cell in cells.values():
+            cell["accuracy"] = cell["correct"] / cell["total"]
+        groups[name] = {"num_images": len(group), **cells}
+    return groups
+
+
 def accuracy(results):
     """Fraction right per attribute over attribute_scores results. An attribute that only some
     results have ("position" vs "relation") counts over those; one that none has is left out."""
@@ -302,9 +330,8 @@ def _split(out_dir, split, n, seed, id_offset, heldout_fraction):
         image_id = id_offset + i + 1
         scene = sample_scene(rng, heldout=bool(rng.random() < heldout_fraction))
         file_name = f"{image_id:012d}.png"
-        tmp = os.path.join(img_dir, file_name + ".tmp")
-        render_scene(scene, rng).save(tmp, format="PNG")
-        os.replace(tmp, os.path.join(img_dir, file_name))
+        with atomic_path(os.path.join(img_dir, file_name)) as tmp:
+            render_scene(scene, rng).save(tmp, format="PNG")
         images.append({"id": image_id, "file_name": file_name, "width": IMAGE_SIZE,
                        "height": IMAGE_SIZE, "scene": scene, "heldout": is_heldout(scene)})
         for caption in make_captions(scene, rng):
@@ -319,38 +346,22 @@ def _split(out_dir, split, n, seed, id_offset, heldout_fraction):
     ann_dir = os.path.join(out_dir, "annotations")
     os.makedirs(ann_dir, exist_ok=True)
     path = os.path.join(ann_dir, f"captions_{split}2017.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(ann, f)
-    os.replace(path + ".tmp", path)
+    save_json(path, ann)
     return path
 
 
 def generate(out_dir, num_train, num_val, seed=0):
     """Write the toy world in the COCO 2017 layout; same arguments -> same bytes."""
     if not 0 <= num_train < VAL_ID_OFFSET or num_val < 0:
-        raise SystemExit(f"error: --num_train must be in [0, {VAL_ID_OFFSET}) and --num_val >= 0")
+        raise BadInput(f"--num_train must be in [0, {VAL_ID_OFFSET}) and --num_val >= 0")
     train = _split(out_dir, "train", num_train, seed, 0, heldout_fraction=0.0)
     val = _split(out_dir, "val", num_val, seed, VAL_ID_OFFSET, heldout_fraction=HELDOUT_VAL_FRACTION)
     return train, val
 
 
-def load_split(data_dir, split):
-    """(images, captions): the annotation file's image entries and {image_id: [captions]}."""
-    path = os.path.join(data_dir, "annotations", f"captions_{split}2017.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} does not exist; generate the toy world with "
-                         f"`python -m data.toy_world --out_dir {data_dir}`")
-    with open(path) as f:
-        ann = json.load(f)
-    captions = {}
-    for a in ann["annotations"]:
-        captions.setdefault(a["image_id"], []).append(a["caption"])
-    return ann["images"], captions
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out_dir", required=True)
+    p.add_argument("--output_dir", required=True)
     p.add_argument("--num_train", type=int, default=20000)
     p.add_argument("--num_val", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
@@ -359,9 +370,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    train, val = generate(args.out_dir, args.num_train, args.num_val, args.seed)
+    train, val = generate(args.output_dir, args.num_train, args.num_val, args.seed)
     print(f"wrote {args.num_train} train and {args.num_val} val images: {train}, {val}")
 
 
 if __name__ == "__main__":
-    main()
+    errors.run(main)

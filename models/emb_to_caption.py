@@ -13,7 +13,7 @@ left padding: the attention mask is all ones at the start, and transformers' `ge
 batched beam search with the KV cache straight from `inputs_embeds`.
 
 Any causal LM that `AutoModelForCausalLM` loads works (GPT-2/distilgpt2, Qwen2.5, Llama, the toy
-LM of models/toy_lm.py): token embeddings come from `lm.get_input_embeddings()`, the width from
+LM of scripts/train_toy_lm.py): token embeddings come from `lm.get_input_embeddings()`, the width from
 its `embedding_dim`, LoRA targets from peft's table or, for unknown architectures, from the
 Linear/Conv1D layers inside attention blocks.
 """
@@ -25,13 +25,16 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
+from errors import BadInput
+
 # Longer captions are cut (EOS is still appended): COCO captions are ~10-20 tokens, and a cap keeps
 # a stray paragraph from blowing up a batch or running past a GPT-2's learned positions.
 MAX_CAPTION_TOKENS = 64
 
-
-def _die(message):
-    raise SystemExit(f"error: {message}")
+# What decoding depends on, with the values used when a caller leaves one out: generate()'s keyword
+# arguments, and the decoding flags of infer.py and eval_captioning.py (common.add_decoding_args).
+DECODING = dict(num_beams=3, max_new_tokens=30, min_new_tokens=0, length_penalty=1.0,
+                no_repeat_ngram_size=0, do_sample=False, top_p=0.9, temperature=1.0)
 
 
 def _load_lm(llm, dtype):
@@ -42,8 +45,8 @@ def _load_lm(llm, dtype):
         lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _die(f"--llm {llm}: cannot load a causal LM and its tokenizer ({reason}); pass a local Hugging Face "
-             f"folder (config.json, weights, tokenizer files; e.g. `python -m models.toy_lm` writes one) "
+        raise BadInput(f"--llm {llm}: cannot load a causal LM and its tokenizer ({reason}); pass a local Hugging Face "
+             f"folder (config.json, weights, tokenizer files; e.g. `python -m scripts.train_toy_lm` writes one) "
              f"or a hub id already in the HF cache (HF_HUB_OFFLINE=1 skips the network)")
     return lm, tokenizer
 
@@ -57,7 +60,7 @@ def _lora_targets(lm):
         targets = [name for name, m in lm.named_modules()
                    if isinstance(m, (nn.Linear, Conv1D)) and ("attn" in name.lower() or "attention" in name.lower())]
     if not targets:
-        _die(f"LoRA: found no Linear/Conv1D layer inside attention in a {type(lm).__name__}; "
+        raise BadInput(f"LoRA: found no Linear/Conv1D layer inside attention in a {type(lm).__name__}; "
              f"use --finetune_lm or keep the LM frozen")
     # GPT-2 style Conv1D stores weights transposed; peft needs to be told.
     targeted = [m for name, m in lm.named_modules()
@@ -99,7 +102,7 @@ class EmbToCaption(nn.Module):
         elif config["proj"] == "mlp":
             self.proj = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         else:
-            _die(f"proj={config['proj']!r}: unknown projection; use 'linear' or 'mlp'")
+            raise BadInput(f"proj={config['proj']!r}: unknown projection; use 'linear' or 'mlp'")
 
         # Some LM tokenizers (GPT-2, Llama) ship no pad token. Padding never reaches the loss
         # (-100) or attention (mask 0), so EOS serves.
@@ -108,7 +111,7 @@ class EmbToCaption(nn.Module):
                 else lm.config.eos_token_id
             eos = eos[0] if isinstance(eos, (list, tuple)) else eos
             if eos is None:
-                _die(f"--llm {config['llm']}: its tokenizer and config define no end-of-text token, so "
+                raise BadInput(f"--llm {config['llm']}: its tokenizer and config define no end-of-text token, so "
                      f"the captioner cannot learn to stop; use an LM with an eos_token")
             tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
         if tokenizer.pad_token is None:
@@ -127,7 +130,7 @@ class EmbToCaption(nn.Module):
         """llm: hub id or local HF folder. freeze_lm=True keeps the LM fixed (only psi trains);
         lora=True adds peft LoRA adapters to the frozen LM; freeze_lm=False trains the whole LM."""
         if lora and not freeze_lm:
-            _die("lora=True adapts a frozen LM and freeze_lm=False trains all of it; pick one")
+            raise BadInput("lora=True adapts a frozen LM and freeze_lm=False trains all of it; pick one")
         lm, tokenizer = _load_lm(llm, dtype)
         config = dict(llm=llm, prefix_len=prefix_len, prefix_dim=prefix_dim, proj=proj,
                       freeze_lm=freeze_lm, lora=lora, lora_rank=lora_rank)
@@ -242,28 +245,34 @@ class EmbToCaption(nn.Module):
         return nll, token_mask
 
     # ---- inference ----------------------------------------------------------------------------
-    def generation_kwargs(self, num_beams=3, max_new_tokens=30, min_new_tokens=0, length_penalty=1.0,
-                          no_repeat_ngram_size=0, do_sample=False, top_p=0.9, temperature=1.0, use_cache=True):
-        # transformers 5 fills every generation field left unset from the LM's generation_config.json
-        # (e.g. a chat model's repetition_penalty or top_k): set the neutral value of each so that
-        # decoding depends on these arguments only.
-        kwargs = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                      length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                      do_sample=do_sample, early_stopping=False, repetition_penalty=1.0,
-                      num_return_sequences=1, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                      use_cache=use_cache)
-        if do_sample:
-            kwargs.update(top_p=top_p, temperature=temperature, top_k=0)
+    def generation_kwargs(self, **decoding):
+        """transformers generate() arguments for the DECODING settings given (the rest at their
+        defaults). transformers 5 fills every generation field left unset from the LM's
+        generation_config.json (e.g. a chat model's repetition_penalty or top_k): the neutral value of
+        each is set, so that decoding depends on these settings only."""
+        unknown = sorted(set(decoding) - set(DECODING))
+        if unknown:
+            raise TypeError(f"unknown decoding settings {unknown}; known: {sorted(DECODING)}")
+        d = {**DECODING, **decoding}
+        kwargs = dict(num_beams=d["num_beams"], max_new_tokens=d["max_new_tokens"],
+                      min_new_tokens=d["min_new_tokens"], length_penalty=d["length_penalty"],
+                      no_repeat_ngram_size=d["no_repeat_ngram_size"], do_sample=d["do_sample"],
+                      early_stopping=False, repetition_penalty=1.0, num_return_sequences=1,
+                      eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+        if d["do_sample"]:
+            kwargs.update(top_p=d["top_p"], temperature=d["temperature"], top_k=0)
         return kwargs
 
     @torch.no_grad()
-    def generate(self, z, num_beams=3, max_new_tokens=30, min_new_tokens=0, length_penalty=1.0,
-                 no_repeat_ngram_size=0, do_sample=False, top_p=0.9, temperature=1.0, use_cache=True) -> list[str]:
-        """z [B,L,D] -> B captions. Batched (beam search, greedy when num_beams=1, or sampling)."""
+    def generate(self, z, **decoding) -> list[str]:
+        """z [B,L,D] -> B captions. Batched beam search (greedy when num_beams=1) or sampling, with
+        the KV cache; decoding: the DECODING settings (num_beams, max_new_tokens, ...)."""
+        kwargs = self.generation_kwargs(**decoding)
         prefix = self.prefix_embeds(z)                                  # [B,P,H]
+        max_new_tokens = kwargs["max_new_tokens"]
         if self.max_positions is not None and prefix.shape[1] + max_new_tokens > self.max_positions:
-            raise ValueError(f"prefix ({prefix.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"LM's {self.max_positions} positions; lower max_new_tokens")
+            raise BadInput(f"prefix ({prefix.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                           f"LM's {self.max_positions} positions; lower max_new_tokens")
         # Same length for every prefix: no padding, the mask is all ones.
         attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         was_training = self.training
@@ -273,10 +282,7 @@ class EmbToCaption(nn.Module):
                 # The prompt is embeddings, not tokens, so n-gram blocking sees only the new tokens: as wanted.
                 warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
                 # Decoder-only LMs given inputs_embeds alone return only the new tokens.
-                out = self.lm.generate(inputs_embeds=prefix, attention_mask=attention_mask,
-                                       **self.generation_kwargs(num_beams, max_new_tokens, min_new_tokens,
-                                                                length_penalty, no_repeat_ngram_size, do_sample,
-                                                                top_p, temperature, use_cache))
+                out = self.lm.generate(inputs_embeds=prefix, attention_mask=attention_mask, **kwargs)
         finally:
             self.train(was_training)
         return self.decode(out)
@@ -293,77 +299,11 @@ class EmbToCaption(nn.Module):
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
         if missing or unexpected:
-            _die(f"captioner checkpoint does not match this captioner (missing {missing[:3]}, unexpected "
+            raise BadInput(f"captioner checkpoint does not match this captioner (missing {missing[:3]}, unexpected "
                  f"{unexpected[:3]}); rebuild it with the config saved with the checkpoint (proj, lora, freeze_lm)")
         with torch.no_grad():
             for name, p in params.items():
                 if sd[name].shape != p.shape:
-                    _die(f"captioner checkpoint: {name} has shape {tuple(sd[name].shape)}, the model "
+                    raise BadInput(f"captioner checkpoint: {name} has shape {tuple(sd[name].shape)}, the model "
                          f"{tuple(p.shape)}; rebuild it with the config saved with the checkpoint")
                 p.copy_(sd[name])
-
-
-@torch.no_grad()
-def beam_search_reference(captioner, z, num_beams, max_new_tokens):
-    """Hand-written beam search, one image at a time and without a KV cache (every step re-runs the
-    LM over the whole prefix + beam), as EVCap/ClipCap decode. It exists ONLY as the speed baseline
-    of the decoding benchmark; use EmbToCaption.generate everywhere else.
-
-    It follows transformers' beam search (early_stopping=False, length_penalty=1.0, one EOS id): the
-    2*num_beams best continuations of all beams are ranked; those among the top num_beams that end
-    in EOS (or reach max_new_tokens) become finished hypotheses scored sum(logp) / length, the
-    others continue; the search stops when no running beam can beat the worst of num_beams finished
-    hypotheses, or at max_new_tokens. The best finished hypothesis is returned.
-    """
-    was_training = captioner.training
-    captioner.eval()
-    NEG, length_penalty = -1.0e9, 1.0
-    beams_to_keep = 2 * num_beams
-    captions = []
-    try:
-        for b in range(z.shape[0]):
-            prefix = captioner.prefix_embeds(z[b:b + 1])                     # [1,P,H]
-            running = torch.zeros((num_beams, 0), dtype=torch.long, device=z.device)
-            running_scores = torch.full((num_beams,), NEG, device=z.device)
-            running_scores[0] = 0.0     # only beam 0 is live at first, so the beams do not start identical
-            finished = [running[0]] * num_beams
-            finished_scores = torch.full((num_beams,), NEG, device=z.device)
-            is_finished = torch.zeros(num_beams, dtype=torch.bool, device=z.device)
-            can_improve = True
-            for t in range(max_new_tokens):
-                embeds = torch.cat([prefix.expand(num_beams, -1, -1), captioner.embed_tokens(running)], dim=1)
-                logits = captioner.lm(inputs_embeds=embeds, use_cache=False).logits[:, -1, :].float()
-                log_probs = torch.log_softmax(logits, dim=-1) + running_scores[:, None]   # [nb,V]
-                vocab = log_probs.shape[-1]
-                top_scores, top_idx = torch.topk(log_probs.reshape(-1), k=beams_to_keep)
-                cand = torch.cat([running[top_idx // vocab], (top_idx % vocab)[:, None]], dim=1)  # [K,t+1]
-                ends = (cand[:, -1] == captioner.eos_id) | (t + 1 >= max_new_tokens)
-
-                # Beams that go on: the best num_beams candidates that did not end.
-                keep = torch.topk(top_scores + ends.float() * NEG, k=num_beams).indices
-                running, running_scores = cand[keep], (top_scores + ends.float() * NEG)[keep]
-
-                # Finished hypotheses: only candidates ranked in the top num_beams may finish.
-                rank_ok = torch.arange(beams_to_keep, device=z.device) < num_beams
-                just_finished = ends & rank_ok
-                scores = top_scores / ((t + 1) ** length_penalty)
-                if not can_improve:
-                    scores = scores + NEG
-                scores = scores + (~just_finished).float() * NEG
-                merged_scores = torch.cat([finished_scores, scores])
-                merged_flags = torch.cat([is_finished, just_finished])
-                best = torch.topk(merged_scores, k=num_beams).indices
-                merged = finished + list(cand)
-                finished = [merged[i] for i in best.tolist()]
-                finished_scores, is_finished = merged_scores[best], merged_flags[best]
-
-                # Can the best running beam still beat the worst finished one?
-                best_running = running_scores[0] / ((t + 1) ** length_penalty)
-                worst = torch.where(is_finished, finished_scores.min(), torch.tensor(NEG, device=z.device))
-                can_improve = can_improve and bool((best_running > worst).any())
-                if not can_improve or bool(ends.all()):
-                    break
-            captions.append(finished[0].tolist())
-    finally:
-        captioner.train(was_training)
-    return captioner.decode(captions)

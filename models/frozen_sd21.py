@@ -17,6 +17,8 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPip
 from transformers import AutoTokenizer, CLIPTextModel
 from transformers.masking_utils import create_causal_mask
 
+from errors import BadInput
+
 COND_MODES = ("direct", "text_encoder")
 SD_PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
@@ -34,8 +36,8 @@ def diffusion_target(scheduler, latents, noise, timesteps):
 
 
 def _load_error(name_or_path, what):
-    return SystemExit(
-        f"error: {name_or_path}: {what}; pass a local diffusers Stable Diffusion folder "
+    return BadInput(
+        f"{name_or_path}: {what}; pass a local diffusers Stable Diffusion folder "
         f"({'/ '.join(SD_PARTS)}/) or a hub id such as "
         f"stabilityai/stable-diffusion-2-1-base that is in the HF cache (HF_HUB_CACHE) "
         f"when HF_HUB_OFFLINE=1")
@@ -57,7 +59,7 @@ class FrozenSD(nn.Module):
     def __init__(self, vae, unet, text_encoder, tokenizer, scheduler_config, cond_mode="text_encoder"):
         super().__init__()
         if cond_mode not in COND_MODES:
-            raise ValueError(f"cond_mode must be one of {COND_MODES}, got {cond_mode!r}")
+            raise BadInput(f"cond_mode {cond_mode!r}: unknown; use one of {', '.join(COND_MODES)}")
         self.vae, self.unet, self.text_encoder, self.tokenizer = vae, unet, text_encoder, tokenizer
         self.cond_mode = cond_mode
         # Training noise from the pipeline's own schedule (betas, T, prediction type), whatever
@@ -69,10 +71,10 @@ class FrozenSD(nn.Module):
         self.seq_len = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
         self.embed_dim = text_encoder.config.hidden_size
         if self.embed_dim != unet.config.cross_attention_dim:
-            raise ValueError(f"text encoder width {self.embed_dim} != UNet cross_attention_dim "
-                             f"{unet.config.cross_attention_dim}")
+            raise BadInput(f"text encoder width {self.embed_dim} != UNet cross_attention_dim "
+                           f"{unet.config.cross_attention_dim}")
         if tokenizer.pad_token is None:
-            raise ValueError("the tokenizer has no pad token; captions are padded to max_length")
+            raise BadInput("the tokenizer has no pad token; captions are padded to max_length")
 
         self.requires_grad_(False)
         self.train(False)
@@ -95,7 +97,7 @@ class FrozenSD(nn.Module):
         """name_or_path: a local diffusers SD folder or a hub id (downloaded, or read from the HF
         cache when HF_HUB_OFFLINE=1). dtype casts the frozen weights (fp16/bf16 for mixed precision)."""
         if cond_mode not in COND_MODES:
-            raise SystemExit(f"error: cond_mode {cond_mode!r}: unknown; use one of {', '.join(COND_MODES)}")
+            raise BadInput(f"cond_mode {cond_mode!r}: unknown; use one of {', '.join(COND_MODES)}")
         name_or_path = str(name_or_path)
         folder = name_or_path
         if not os.path.isdir(name_or_path):
@@ -123,7 +125,7 @@ class FrozenSD(nn.Module):
             raise _load_error(name_or_path, f"cannot load ({_first_line(e)})") from None
         try:
             sd = cls(vae, unet, text_encoder, tokenizer, scheduler_config, cond_mode=cond_mode)
-        except ValueError as e:
+        except BadInput as e:
             raise _load_error(name_or_path, str(e)) from None
         return sd.to(dtype=dtype)
 

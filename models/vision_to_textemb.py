@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from errors import BadInput
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -36,8 +38,8 @@ def resnet_backbone(name, weights):
         url = torchvision.models.get_model_weights(name).DEFAULT.url
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
         if not os.path.isfile(path):
-            raise SystemExit(
-                f"error: ImageNet weights for {name} are not on disk at {path}; copy them there "
+            raise BadInput(
+                f"ImageNet weights for {name} are not on disk at {path}; copy them there "
                 f"(from {url}), or pass --backbone_weights PATH or --backbone_weights none")
         weights = path
     if weights != "none":

@@ -3,8 +3,10 @@ through AutoModelForCausalLM / AutoTokenizer.from_pretrained exactly as a real L
 import pytest
 import torch
 
+from benchmarks.decoding_speed import beam_search_reference
 from conftest import CAPTIONS, save_tiny_gpt2, save_tiny_llama
-from models.emb_to_caption import EmbToCaption, _lora_targets, beam_search_reference, best_in_group
+from errors import BadInput
+from models.emb_to_caption import EmbToCaption, _lora_targets, best_in_group
 
 L, D = 4, 16  # prefix length and width of z
 
@@ -76,7 +78,7 @@ def test_beam_search_reference_matches_generate(overfit):
     z = torch.cat([z_train[:2], unseen_z(z_train, 4, seed=2)])
     for num_beams, max_new in ((3, 16), (2, 5), (4, 12)):
         assert beam_search_reference(captioner, z, num_beams, max_new) == \
-            captioner.generate(z, num_beams=num_beams, max_new_tokens=max_new, use_cache=True)
+            captioner.generate(z, num_beams=num_beams, max_new_tokens=max_new)
 
 
 def test_beam_search_reference_matches_generate_half_trained(gpt2_dir):
@@ -229,7 +231,7 @@ def test_lora_trains_only_adapters_and_round_trips(gpt2_dir):
         assert fresh(z, CAPTIONS).item() == pytest.approx(captioner(z, CAPTIONS).item(), rel=1e-6)
     assert fresh.generate(z, num_beams=3, max_new_tokens=8) == captioner.generate(z, num_beams=3, max_new_tokens=8)
 
-    with pytest.raises(SystemExit, match="does not match"):
+    with pytest.raises(BadInput, match="does not match"):
         EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D).load_trainable_state_dict(sd)
 
 
@@ -262,12 +264,12 @@ def test_llama_loads_trains_and_generates(tmp_path):
 
 def test_bad_arguments_give_one_clear_line(tmp_path, gpt2_dir):
     missing = str(tmp_path / "no_such_lm")
-    with pytest.raises(SystemExit, match="no_such_lm: cannot load a causal LM") as e:
+    with pytest.raises(BadInput, match="no_such_lm: cannot load a causal LM") as e:
         EmbToCaption.from_pretrained(missing, prefix_len=L, prefix_dim=D)
     assert "\n" not in str(e.value)
-    with pytest.raises(SystemExit, match="pick one"):
+    with pytest.raises(BadInput, match="pick one"):
         EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D, freeze_lm=False, lora=True)
-    with pytest.raises(SystemExit, match="unknown projection"):
+    with pytest.raises(BadInput, match="unknown projection"):
         EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D, proj="conv")
     captioner = EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D)
     with pytest.raises(ValueError, match="expected"):

@@ -6,20 +6,18 @@ it shares one METEOR process between our scorer and COCOEvalCap (the jar is stat
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import eval_captioning  # noqa: E402
-
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="java is needed by pycocoevalcap")
+import common
+import eval_captioning
+from data import toy_world
+from conftest import needs_java
+from data.predictions import read_predictions, run_predictions
+from errors import BadInput
 
 REFS = {
     1: ["A man riding a wave on top of a surfboard.", "A surfer rides a large wave!",
@@ -208,14 +206,14 @@ def test_killed_run_resumes_without_captioning_twice(tmp_path):
     loads = {}
     first = Captioner(fail_after=2)
     with pytest.raises(KeyboardInterrupt):
-        eval_captioning.run_predictions(first, make_items(ids, loads), out, batch_size=3)
+        run_predictions(first, make_items(ids, loads), out, batch_size=3)
     assert sorted(first.calls) == [10, 11, 12, 14, 15]  # 13 is unreadable: skipped
     with open(out, "a") as f:  # the kill also tore a line in half
         f.write('{"image_id": 16, "capt')
 
     loads.clear()
     second = Captioner()
-    preds = eval_captioning.run_predictions(second, make_items(ids, loads), out, batch_size=3)
+    preds = run_predictions(second, make_items(ids, loads), out, batch_size=3)
     assert set(first.calls).isdisjoint(second.calls)
     assert sorted(second.calls) == [16, 17, 18, 19, 20] and set(second.calls.values()) == {1}
     assert set(loads) == {13, 16, 17, 18, 19, 20}  # images already captioned are not even loaded
@@ -227,7 +225,7 @@ def test_killed_run_resumes_without_captioning_twice(tmp_path):
     assert [r["image_id"] for r in records] == [10, 11, 12, 14, 15, 16, 17, 18, 19, 20]
 
     third = Captioner()
-    assert eval_captioning.run_predictions(third, make_items(ids, {}), out, batch_size=3) == preds
+    assert run_predictions(third, make_items(ids, {}), out, batch_size=3) == preds
     assert third.calls == {}
 
 
@@ -235,7 +233,7 @@ def test_unterminated_but_whole_last_line_is_kept(tmp_path):
     out = tmp_path / "preds.jsonl"
     out.write_text('{"image_id": 10, "caption": "a"}\n{"image_id": 11, "caption": "b"}')
     cap = Captioner()
-    preds = eval_captioning.run_predictions(cap, make_items([10, 11, 12], {}), str(out), batch_size=2)
+    preds = run_predictions(cap, make_items([10, 11, 12], {}), str(out), batch_size=2)
     assert preds == {10: "a", 11: "b", 12: "caption of 12"} and list(cap.calls) == [12]
     assert [json.loads(line)["image_id"] for line in out.read_text().splitlines()] == [10, 11, 12]
 
@@ -280,14 +278,14 @@ def bad_input_cases(tmp, ann):
 def test_bad_inputs_give_one_line(coco_dir, tmp_path):
     ann = os.path.join(coco_dir, "annotations", "captions_val2017.json")
     for name, (argv, needle) in bad_input_cases(str(tmp_path), ann).items():
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(BadInput) as e:
             eval_captioning.main(argv + ["--num_sheet_images", "0"])
-        message = str(e.value.code)
-        assert message.startswith("error: ") and "\n" not in message and needle in message, (name, message)
+        message = str(e.value)
+        assert message and "\n" not in message and needle in message, (name, message)
 
 
 # ---------------------------------------------------------------------------------------------
-# Toy world attributes (data.toy_world is another helper's; these follow its documented interface)
+# Toy world attributes
 
 def scene(objects, position=None, relation=None):
     return {"objects": [dict(zip(("colour", "shape", "size"), o)) for o in objects],
@@ -310,7 +308,6 @@ TOY = {  # image_id: (scene, heldout, predicted caption, colour right?, everythi
 
 
 def test_attribute_accuracy_counts_seen_and_heldout_apart():
-    pytest.importorskip("data.toy_world")
     infos = {i: {"scene": s, "heldout": h} for i, (s, h, *_) in TOY.items()}
     infos[6] = {"file_name": "no scene: not counted"}
     preds = {i: t[2] for i, t in TOY.items()}
@@ -332,6 +329,22 @@ def test_attribute_accuracy_counts_seen_and_heldout_apart():
     assert "seen (n=4)" in table and "seen, 2 objects (n=1)" in table and "held-out (n=2)" in table
 
 
+def toy_world_refs(data_dir):
+    from data.coco import read_captions
+    return read_captions(os.path.join(data_dir, "annotations", "captions_val2017.json"))
+
+
+@needs_java
+def test_scores_of_known_captions():
+    """A caption equal to its only reference scores 1 on BLEU-1..4 and ROUGE-L; one sharing no
+    word with it, 0 on BLEU-1 and CIDEr-D."""
+    refs = {1: ["a large red circle on the left of the picture"], 2: ["two small blue squares at the top"]}
+    same = eval_captioning.score_captions({i: r[0] for i, r in refs.items()}, refs, ["bleu", "rouge"])
+    assert all(same[k] == pytest.approx(1.0) for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L")), same
+    other = eval_captioning.score_captions({1: "dogs run", 2: "cats sleep"}, refs, ["bleu", "cider"])
+    assert other["BLEU-1"] == pytest.approx(0.0, abs=1e-6) and other["CIDEr-D"] == 0.0
+
+
 class FakeVLV:
     """Stands in for load_vlv's model: names every image a small red circle on the left."""
     image_size = 32
@@ -351,13 +364,10 @@ class FakeVLV:
 
 @needs_java
 def test_model_mode_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
-    toy_world = pytest.importorskip("data.toy_world")
-    pytest.importorskip("data.coco")
-    import models.vlv
     data_dir = str(tmp_path / "toy")
     toy_world.generate(data_dir, num_train=2, num_val=10, seed=0)
     vlv = FakeVLV()
-    monkeypatch.setattr(models.vlv, "load_vlv", lambda stage1, stage2, device: vlv)
+    monkeypatch.setattr(common, "load_vlv", lambda stage1, stage2, device: vlv)
     out_jsonl = str(tmp_path / "new_dir" / "preds.jsonl")  # its folder is made
     argv = ["--stage1_ckpt", "s1.pt", "--stage2_ckpt", "s2.pt", "--data_dir", data_dir, "--split", "val",
             "--num_samples", "7", "--batch_size", "3", "--num_beams", "2", "--out_jsonl", out_jsonl,
@@ -366,7 +376,13 @@ def test_model_mode_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert vlv.captioned == [3, 3, 1] and vlv.regenerated == 4
     with open(out_jsonl) as f:
         assert len(f.read().splitlines()) == 7
-    assert scores["num_images"] == 7 and 0 <= scores["BLEU-1"] <= 1
+    assert scores["num_images"] == 7
+    # the scores are those of the predictions file against the split's references
+    images, refs = toy_world_refs(data_dir)
+    preds = read_predictions(out_jsonl)
+    assert list(preds) == list(images)[:7] and set(preds.values()) == {"a small red circle on the left"}
+    direct = eval_captioning.score_captions(preds, refs, ["bleu", "cider"])
+    assert scores["BLEU-1"] == direct["BLEU-1"] and scores["CIDEr-D"] == direct["CIDEr-D"]
     acc = scores["attribute_accuracy"]
     assert acc["seen"]["num_images"] + acc["heldout"]["num_images"] == 7
     printed = capsys.readouterr().out

@@ -12,6 +12,7 @@ from PIL import Image
 import common
 import train_stage1
 import train_stage2
+from errors import BadInput
 from models.frozen_sd21 import FrozenSD
 from models.vision_to_textemb import VisionToTextEmb
 
@@ -105,7 +106,7 @@ def test_resumed_run_equals_uninterrupted(images_dir, tiny_sd_dir, tmp_path, cac
 def test_resuming_past_max_steps_says_so(images_dir, tiny_sd_dir, tmp_path):
     out = str(tmp_path / "run")
     train_stage1.main(base_args(images_dir, tiny_sd_dir, out, max_steps=3))
-    with pytest.raises(SystemExit, match=r"vision_encoder_3.pt is at step 3, past --max_steps 2; pass "
+    with pytest.raises(BadInput, match=r"vision_encoder_3.pt is at step 3, past --max_steps 2; pass "
                                          r"--max_steps 3 or more to go on from it, or a new --output_dir"):
         train_stage1.main(base_args(images_dir, tiny_sd_dir, out, max_steps=2, resume_from="latest"))
     assert train_stage1.main(base_args(images_dir, tiny_sd_dir, out, max_steps=3, resume_from="latest")) == 3
@@ -166,20 +167,20 @@ def test_ema_weights_are_saved(images_dir, tiny_sd_dir, tmp_path):
 
 
 def test_missing_data_dir_is_one_line(tiny_sd_dir, tmp_path):
-    with pytest.raises(SystemExit, match="--data_dir is required"):
+    with pytest.raises(BadInput, match="--data_dir is required"):
         train_stage1.main(["--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(BadInput, match="does not exist"):
         train_stage1.main(base_args(str(tmp_path / "nope"), tiny_sd_dir, str(tmp_path / "o")))
 
 
 def test_checkpoint_of_another_kind_is_refused(images_dir, tiny_sd_dir, tmp_path):
     bad = str(tmp_path / "captioner_3.pt")
     common.save_checkpoint(bad, {"kind": "stage2", "model": {}})
-    with pytest.raises(SystemExit, match="is a stage2 checkpoint, not a stage1 one"):
+    with pytest.raises(BadInput, match="is a stage2 checkpoint, not a stage1 one"):
         train_stage1.main(base_args(images_dir, tiny_sd_dir, str(tmp_path / "o"), resume_from=bad))
     junk = str(tmp_path / "junk.pt")
     open(junk, "wb").write(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="not a checkpoint this project can read"):
+    with pytest.raises(BadInput, match="not a checkpoint this project can read"):
         common.load_checkpoint(junk, "stage1")
 
 
@@ -189,7 +190,8 @@ def test_corrupt_image_is_skipped_and_counted(tiny_sd_dir, tmp_path, capsys):
     with pytest.warns(UserWarning, match="999_corrupt.png"):
         train_stage1.main(base_args(data, tiny_sd_dir, str(tmp_path / "o"), max_steps=4,
                                     batch_size=7, checkpointing_steps=4))
-    assert "skipped 1 unreadable images" in capsys.readouterr().out
+    assert "skipped 1 unreadable images" in capsys.readouterr().err
+    assert json.load(open(os.path.join(str(tmp_path / "o"), "summary.json")))["skipped_images"] == 1
 
 
 def test_two_processes_train_in_sync(images_dir, tiny_sd_dir, tmp_path):
@@ -202,7 +204,7 @@ def test_two_processes_train_in_sync(images_dir, tiny_sd_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["num_processes"] == 2
-    assert len(set(summary["param_checksums"])) == 1  # DDP kept the two copies equal
+    assert len(set(summary["param_fingerprints"])) == 1  # DDP kept the two copies equal, bit for bit
     assert os.listdir(out).count("vision_encoder_2.pt") == 1
 
 

@@ -1,5 +1,5 @@
-"""The toy world's tiny "pretrained" causal LM: trained briefly, saved as a HF folder, loaded by
-the Auto classes like distilgpt2."""
+"""The toy world's tiny "pretrained" causal LM: trained briefly through the shared stage set-up,
+resumable, saved as a HF folder that the Auto classes load like distilgpt2."""
 import json
 import os
 
@@ -7,7 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.toy_lm import build_toy_lm, main, read_coco_captions, token_stream, train_tokenizer
+from conftest import reset_accelerator_state
+from errors import BadInput
+from models.toy_lm import train_tokenizer
+from scripts.train_toy_lm import main, token_stream
 
 CAPTIONS = [
     "a large red circle on the left",
@@ -17,7 +20,18 @@ CAPTIONS = [
     "a small purple circle to the right of a large red square",
     "a picture showing a small green circle near the bottom",
 ]
-TINY = dict(steps=60, batch_size=4, n_positions=32, n_layer=1, n_embd=32, n_head=2, lr=1e-2, log_every=0)
+TINY = ["--batch_size", "4", "--n_positions", "32", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
+        "--lr", "1e-2", "--lr_warmup_steps", "2", "--mixed_precision", "no", "--log_every", "5"]
+
+
+def write_captions(data_dir, captions, per_image=2):
+    """A COCO captions file: captions grouped per_image to an image."""
+    os.makedirs(os.path.join(data_dir, "annotations"), exist_ok=True)
+    images = [{"id": i, "file_name": f"{i}.png"} for i in range(-(-len(captions) // per_image))]
+    annotations = [{"id": k, "image_id": k // per_image, "caption": c} for k, c in enumerate(captions)]
+    with open(os.path.join(data_dir, "annotations", "captions_train2017.json"), "w") as f:
+        json.dump({"images": images, "annotations": annotations}, f)
+    return str(data_dir)
 
 
 def caption_loss(lm, tokenizer):
@@ -32,10 +46,17 @@ def caption_loss(lm, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def toy_lm(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("toy") / "lm"
-    info = build_toy_lm(CAPTIONS * 5, out_dir, seed=0, **TINY)
-    return str(out_dir), info
+def data_dir(tmp_path_factory):
+    return write_captions(tmp_path_factory.mktemp("toy_lm_data"), CAPTIONS * 5)
+
+
+@pytest.fixture(scope="module")
+def toy_lm(data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("toy") / "lm")
+    reset_accelerator_state()
+    info = main(["--data_dir", data_dir, "--output_dir", out, "--max_steps", "60", "--checkpointing_steps", "30",
+                 *TINY])
+    return out, info
 
 
 def test_folder_loads_with_auto_classes_and_learned(toy_lm):
@@ -43,10 +64,10 @@ def test_folder_loads_with_auto_classes_and_learned(toy_lm):
 
     out_dir, info = toy_lm
     assert os.path.isfile(os.path.join(out_dir, "model.safetensors"))
-    assert [f for f in os.listdir(os.path.dirname(out_dir)) if f.startswith(".")] == []  # no temp folders left
+    assert not [f for f in os.listdir(out_dir) if f.startswith(".")]  # no temporary folder left
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     lm = AutoModelForCausalLM.from_pretrained(out_dir)
-    assert isinstance(lm, GPT2LMHeadModel)
+    assert isinstance(lm, GPT2LMHeadModel) and info["step"] == 60
     assert tokenizer.bos_token == tokenizer.eos_token == "<|endoftext|>"
     assert lm.config.eos_token_id == tokenizer.eos_token_id and lm.config.vocab_size == len(tokenizer)
     for c in CAPTIONS + ["A Red circle, on the LEFT!"]:  # byte-level: even unseen text round-trips
@@ -58,24 +79,24 @@ def test_folder_loads_with_auto_classes_and_learned(toy_lm):
     assert info["last_loss"] < info["first_loss"]
 
 
-def test_deterministic_by_seed_and_overwrites_atomically(toy_lm, tmp_path):
-    out_dir, _ = toy_lm
-    again = tmp_path / "lm"
-    os.makedirs(again)
-    (again / "stale.txt").write_text("from an older run")
-    build_toy_lm(CAPTIONS * 5, again, seed=0, **TINY)
-    assert not (again / "stale.txt").exists()
-    a, b = load_file(os.path.join(out_dir, "model.safetensors")), load_file(str(again / "model.safetensors"))
+def test_killed_run_resumes_to_the_same_lm(data_dir, tmp_path):
+    argv = ["--data_dir", data_dir, "--max_steps", "6", "--checkpointing_steps", "3", "--checkpoints_total_limit",
+            "0", *TINY]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    main(argv + ["--output_dir", straight])
+    # a run killed after its step-3 checkpoint: the tokenizer and that checkpoint survive
+    os.makedirs(resumed)
+    for name in ("toy_lm_3.pt", "tokenizer.json", "tokenizer_config.json"):
+        os.link(os.path.join(straight, name), os.path.join(resumed, name))
+    assert main(argv + ["--output_dir", resumed, "--resume_from", "latest"])["step"] == 6
+    a, b = load_file(os.path.join(straight, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert sorted(os.listdir(tmp_path)) == ["lm"]
+    with pytest.raises(BadInput, match=r"other settings \(--lr 0.01\)"):
+        main(argv + ["--output_dir", resumed, "--resume_from", "latest", "--lr", "3e-3"])
 
 
-def test_paraphrases_of_an_image_stay_together(tmp_path):
-    path = tmp_path / "captions.json"
-    annotations = [{"id": i, "image_id": i % 3, "caption": c + " "} for i, c in enumerate(CAPTIONS)]
-    path.write_text(json.dumps({"annotations": annotations}))
-    groups = read_coco_captions(str(path))
-    assert groups == [CAPTIONS[0::3], CAPTIONS[1::3], CAPTIONS[2::3]]
+def test_paraphrases_of_an_image_stay_together():
+    groups = [CAPTIONS[0::3], CAPTIONS[1::3], CAPTIONS[2::3]]
     tokenizer = train_tokenizer(CAPTIONS)
     text = tokenizer.decode(token_stream(groups, tokenizer, seed=1).tolist())
     for g in groups:
@@ -83,15 +104,6 @@ def test_paraphrases_of_an_image_stay_together(tmp_path):
     assert text.startswith("<|endoftext|>") and text.endswith("<|endoftext|>")
 
 
-def test_cli_reads_coco_captions(tmp_path):
-    data_dir = tmp_path / "data"
-    os.makedirs(data_dir / "annotations")
-    annotations = [{"id": i, "image_id": i // 2, "caption": c} for i, c in enumerate(CAPTIONS)]
-    (data_dir / "annotations" / "captions_train2017.json").write_text(
-        json.dumps({"images": [{"id": i} for i in range(len(CAPTIONS))], "annotations": annotations}))
-    info = main(["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "lm"), "--steps", "3",
-                 "--n_layer", "1", "--n_embd", "32", "--n_positions", "32"])
-    assert info["num_captions"] == len(CAPTIONS)
-    assert os.path.isfile(tmp_path / "lm" / "tokenizer.json")
-    with pytest.raises(SystemExit, match="captions_train2017.json: not found"):
-        main(["--data_dir", str(tmp_path / "nowhere"), "--out_dir", str(tmp_path / "lm2")])
+def test_missing_captions_file_is_one_line(tmp_path):
+    with pytest.raises(BadInput, match="captions_train2017.json does not exist; generate the toy data first"):
+        main(["--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "lm")])

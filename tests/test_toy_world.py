@@ -31,7 +31,7 @@ def world(tmp_path_factory):
 
 
 def test_same_seed_same_bytes_other_seed_differs(world, tmp_path):
-    tw.main(["--out_dir", str(tmp_path / "again"), "--num_train", "300", "--num_val", "100", "--seed", "3"])
+    tw.main(["--output_dir", str(tmp_path / "again"), "--num_train", "300", "--num_val", "100", "--seed", "3"])
     assert digest(world) == digest(str(tmp_path / "again"))
     tw.generate(str(tmp_path / "other"), num_train=300, num_val=100, seed=4)
     assert digest(world) != digest(str(tmp_path / "other"))

@@ -1,0 +1,201 @@
+"""Every benchmark through its real `main`, one tiny step each, on tiny fixtures laid out like a
+toy pipeline's OUT (data/, teacher/, lm/, stage1/, stage2/): the table it prints has its header and
+rows, and where it is cheap a value that cannot be wrong. Timings are never asserted."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import common
+import train_stage1
+import train_stage2
+from benchmarks import (decoding_speed, heldout_probe, reference_scoring, stage1_latent_cache, stage1_precision,
+                        stage2_step, teacher_guidance, teacher_step, timing, z_carries)
+from conftest import argv_of, reset_accelerator_state, save_tiny_gpt2
+from data import toy_world
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_sd_dir):
+    """A toy pipeline's OUT in miniature: a 16+6 image toy world, the tiny SD as the teacher, a tiny
+    GPT-2 as the LM, and a 2-step stage 1 and stage 2 on them (fp32). Stage 1 reads the toy world's
+    32 px, so the judge reads its images as they are."""
+    root = tmp_path_factory.mktemp("bench_run")
+    toy_world.generate(str(root / "data"), num_train=16, num_val=6, seed=0)
+    os.symlink(tiny_sd_dir, root / "teacher")
+    save_tiny_gpt2(root / "lm")
+    reset_accelerator_state()
+    train_stage1.main(argv_of(data_dir=root / "data", sd_model_id=root / "teacher", output_dir=root / "stage1",
+                              image_size=32, backbone="toy", backbone_weights="none", encoder_width=32,
+                              encoder_layers=1, batch_size=4, max_steps=2, validation_steps=0,
+                              num_validation_images=1, num_inference_steps=1, num_workers=0, mixed_precision="no"))
+    reset_accelerator_state()
+    train_stage2.main(argv_of(stage1_ckpt=root / "stage1", data_dir=root / "data", llm=root / "lm",
+                              output_dir=root / "stage2", batch_size=4, lr=1e-3, lr_warmup_steps=1, max_steps=2,
+                              checkpointing_steps=2, validation_steps=0, num_validation_images=1, max_new_tokens=8,
+                              num_workers=0, mixed_precision="no"))
+    return {part: str(root / part) for part in ("data", "teacher", "lm", "stage1", "stage2")} | {"root": str(root)}
+
+
+def tables(text):
+    """The markdown tables in printed text -> [[header cells], [row cells], ...] per table."""
+    found, current = [], None
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if all(set(c) <= {"-"} and c for c in cells):
+                continue  # the separator line
+            if current is None:
+                current = []
+                found.append(current)
+            current.append(cells)
+        else:
+            current = None
+    return found
+
+
+def assert_machine_line(out):
+    assert out.count(common.machine_description()) == 1
+
+
+def test_timing_print_medians(capsys):
+    medians = timing.print_medians("title", {"a": [2.0, 1.0, 3.0], "b": [1.0]})
+    out = capsys.readouterr().out
+    assert medians == {"a": 2.0, "b": 1.0}
+    assert tables(out) == [[["setting", "s/step", "against a"], ["a", "2.000", "1.00x"], ["b", "1.000", "2.00x"]]]
+
+
+def test_decoding_speed(run, capsys):
+    result = decoding_speed.main(argv_of(stage1_ckpt=run["stage1"], stage2_ckpt=run["stage2"], data_dir=run["data"],
+                                         num_images=3, batch_size=2, num_beams=2, max_new_tokens=5))
+    out = capsys.readouterr().out
+    assert_machine_line(out)
+    (table,) = tables(out)
+    assert table[0] == ["decoder", "captions/s", "same captions"]
+    assert [row[0] for row in table[1:]] == ["batch-1 beam search, no KV cache (EVCap/ClipCap style)",
+                                             "transformers generate, batch 2, KV cache"]
+    # the reference beam search is transformers' beam search (tests/test_emb_to_caption.py checks it
+    # on trained captioners): the same captions, every one
+    assert [row[2] for row in table[1:]] == ["3/3", "3/3"]
+    assert result["batched"] == result["reference"]
+
+
+def test_heldout_probe(run, capsys):
+    results = heldout_probe.main(argv_of(stage1_ckpt=run["stage1"], stage2_ckpt=f"distilled={run['stage2']}",
+                                         train_dir=run["data"], val_dir=run["data"], probe_steps=2))
+    out = capsys.readouterr().out
+    assert_machine_line(out)
+    (table,) = tables(out)
+    assert table[0] == ["representation", "shape: seen val", "shape: held-out val", "colour: seen val",
+                        "colour: held-out val"]
+    assert [row[0] for row in table[1:]] == ["stage-1 z", "stage-1 cond(z)", "stage-2 prefix (distilled)"]
+    assert all(c is None or 0 <= c <= 1 for cells in results.values() for c in cells.values())
+
+
+def test_heldout_probe_wants_name_equals_path(run):
+    with pytest.raises(common.BadInput, match="NAME=PATH"):
+        heldout_probe.main(argv_of(stage1_ckpt=run["stage1"], stage2_ckpt=run["stage2"]))
+
+
+def test_reference_scoring(run, capsys):
+    result = reference_scoring.main(argv_of(stage1_ckpt=run["stage1"], stage2_ckpt=run["stage2"],
+                                            data_dir=run["data"], batch_size=2, num_batches=2))
+    out = capsys.readouterr().out
+    assert_machine_line(out)
+    (table,) = tables(out)
+    assert table[0] == ["scoring every reference", "ms per batch", "same picks", "max score difference"]
+    assert [row[0] for row in table[1:]] == ["one copy of the prefix per reference",
+                                             "the prefix once per image, KV cache shared"]
+    # 2 x 2 distinct images of the toy world, 5 references each; the same scores up to rounding
+    assert result["num_references"] == 2 * 2 * toy_world.CAPTIONS_PER_IMAGE
+    assert table[2][2] == "2/2" and result["max_difference"] < 1e-3
+
+
+def test_stage1_latent_cache(run, capsys):
+    result = stage1_latent_cache.main(argv_of(data_dir=run["data"], sd_model_id=run["teacher"], subset_ratio=0.5,
+                                              batch_size=4, image_size=16, mixed_precision="no"))
+    out = capsys.readouterr().out
+    assert_machine_line(out)
+    (table,) = tables(out)
+    assert table[0] == ["latent cache", "epoch 1 (s/step)", "epoch 2 (s/step)"]
+    assert [row[0] for row in table[1:]] == ["off", "on"]
+    assert result["mixed_precision"] == "no"
+
+
+def test_stage1_precision(run, capsys):
+    result = stage1_precision.main(argv_of(sd_model_id=run["teacher"], rounds=1, steps=1, batch_size=2,
+                                           image_size=16))
+    out = capsys.readouterr().out
+    assert_machine_line(out)
+    (table,) = tables(out)
+    assert table[0] == ["setting", "s/step", "against fp32"]
+    assert [row[0] for row in table[1:]] == list(stage1_precision.SETTINGS)
+    assert table[1][2] == "1.00x"
+    assert f"--mixed_precision auto on this machine's CPU: {result['auto']}" in out
+
+
+def test_stage2_step(run, capsys):
+    result = stage2_step.main(argv_of(run=run["root"], rounds=1, steps=1, batch_size=4, num_workers=0))
+    out = capsys.readouterr().out
+    assert_machine_line(out)
+    (table,) = tables(out)
+    assert table[0] == ["setting", "s/step", "against fp32"]
+    assert [row[0] for row in table[1:]] == ["fp32", "bf16"]
+    assert table[1][2] == "1.00x"
+    assert f"--mixed_precision auto on this machine: {result['auto']}" in out
+
+
+def test_stage2_step_wants_a_pipeline_run(tmp_path):
+    """As a user runs it, from the repository root: one line and status 2, no traceback."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.stage2_step", "--run", str(tmp_path)], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: --run {tmp_path} has no data/")
+
+
+def test_teacher_guidance(run, capsys):
+    results = teacher_guidance.main(argv_of(teacher=run["teacher"], data_dir=run["data"], guidance_scales="1.5,3",
+                                            num_inference_steps=1, num_samples_eval=2, image_size=16))
+    out = capsys.readouterr().out
+    assert_machine_line(out)
+    found = tables(out)
+    assert [t[0][0] for t in found] == ["guidance 1.5", "guidance 3"]
+    for table, groups in zip(found, results.values()):
+        assert sum(groups[g]["num_images"] for g in ("seen", "heldout")) == 2
+        assert [row[0] for row in table[1:]][:3] == ["colour", "shape", "size"] and table[-1][0] == "all"
+
+
+def test_teacher_step(capsys):
+    result = teacher_step.main(argv_of(batch_size=2, vae_batch_size=2, steps=1, rounds=1))
+    out = capsys.readouterr().out
+    assert_machine_line(out)
+    unet, vae = tables(out)
+    assert unet[0] == ["precision", "attention", "s per training step"]
+    assert [row[0] for row in unet[1:]] == ["fp32", "fp32", "bf16 autocast", "bf16 autocast", "bf16 autocast"]
+    assert vae[0] == ["precision", "s per training step"]
+    assert [row[0] for row in vae[1:]] == ["fp32", "bf16 autocast"]
+    assert f"--mixed_precision auto on this machine's CPU: {result['auto']}" in out
+    # the pipeline's teacher, not the script's larger default UNet
+    assert f"({sum(p.numel() for p in teacher_unet().parameters()) / 1e6:.1f}M parameters)" in out
+
+
+def teacher_unet():
+    from models.toy_teacher import build_unet
+    from scripts.train_toy_teacher import ints
+    channels = ints(common.PRESETS["toy"]["teacher"]["unet_channels"])
+    return build_unet(latent_channels=8, latent_size=8, channels=channels)
+
+
+def test_z_carries(run, capsys):
+    results = z_carries.main(argv_of(stage1_ckpt=run["stage1"], data_dir=run["data"], num_images=3, batch_size=2,
+                                     num_inference_steps=1))
+    out = capsys.readouterr().out
+    assert_machine_line(out)
+    found = tables(out)
+    assert [t[0][0] for t in found] == ["original image", "from z (stage 1)", "from the caption"]
+    # the judge reads the toy world's own renders exactly
+    original = results["original image"]["overall"]
+    assert original["num_images"] == 3 and original["all"]["correct"] == 3
