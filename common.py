@@ -156,10 +156,23 @@ def decoding_kwargs(args):
 # ---------------------------------------------------------------------------------------------
 # Precision and run set-up
 
-def cpu_has_native_bf16():
-    """True on a CPU with bf16 arithmetic in hardware (AVX512-BF16 or AMX). torch has no public
-    probe for these; torch.cpu._is_avx512_bf16_supported and _is_amx_tile_supported are private."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+# oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) that keep AVX-512's bf16 instructions; those
+# with "AMX" in their name keep AMX too. Below them oneDNN runs bf16 emulated, whatever the CPU has.
+BF16_ISA_CAPS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512"}
+
+
+def cpu_bf16():
+    """How this CPU does bf16 arithmetic: "amx" (AMX tiles: matrix products several times fp32's),
+    "avx512_bf16" (bf16 dot products in AVX-512), or None (emulated). A oneDNN instruction-set cap
+    below a feature counts as its absence. torch has no public probe for these:
+    torch.cpu._is_amx_tile_supported and _is_avx512_bf16_supported are private."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    keeps_amx = cap in ("ALL", "DEFAULT") or "AMX" in cap
+    if torch.cpu._is_amx_tile_supported() and keeps_amx:
+        return "amx"
+    if torch.cpu._is_avx512_bf16_supported() and (keeps_amx or cap in BF16_ISA_CAPS):
+        return "avx512_bf16"
+    return None
 
 
 def machine_description():
@@ -176,24 +189,32 @@ def machine_description():
                     flags = set(value.split())
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+            if os.environ.get(k)]
+    gpu += f", capped: {' '.join(caps)}" if caps else ""
     return (f"{model}, {os.cpu_count()} cores, flags: {' '.join(wanted) or 'none of avx2/avx512/amx'} "
-            f"(native bf16: {'yes' if cpu_has_native_bf16() else 'no'}), torch {torch.__version__.split('+')[0]} "
+            f"(bf16: {cpu_bf16() or 'emulated'}), torch {torch.__version__.split('+')[0]} "
             f"with {torch.get_num_threads()} threads{gpu}")
 
 
 def resolve_mixed_precision(requested, cuda=None):
     """--mixed_precision -> (the setting to run: "no" | "bf16" | "fp16", why in a few words).
-    auto is bf16 only where bf16 is native; fp16 needs a GPU (and a scaler), so never by default."""
+    auto is bf16 only where it is faster than fp32: a CUDA GPU with bf16, or a CPU with AMX. On a
+    CPU with AVX512-BF16 but no AMX a bf16 step measured 0.76-0.96x of fp32's, and on one with
+    neither (AVX2) bf16 is emulated, about 10x slower (docs/measurements.md, "Precision auto").
+    fp16 needs a GPU (and a scaler), so never by default."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if requested == "auto":
         if cuda:
             native = torch.cuda.is_bf16_supported()
             return ("bf16" if native else "no"), f"CUDA GPU {'with' if native else 'without'} bf16"
-        native = cpu_has_native_bf16()
-        return ("bf16" if native else "no"), f"CPU {'with' if native else 'without'} native bf16 (AVX512-BF16 or AMX)"
+        kind = cpu_bf16()
+        why = {"amx": "CPU with AMX", "avx512_bf16": "CPU with AVX512-BF16 but no AMX: bf16 no faster than fp32",
+               None: "CPU without native bf16"}[kind]
+        return ("bf16" if kind == "amx" else "no"), why
     if requested == "fp16" and not cuda:
         die("--mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision auto (or no, bf16)")
-    if requested == "bf16" and not cuda and not cpu_has_native_bf16():
+    if requested == "bf16" and not cuda and cpu_bf16() is None:
         print("warning: --mixed_precision bf16 on a CPU without native bf16 (AVX512-BF16 or AMX) is "
               "emulated and may be several times slower than fp32: pass --mixed_precision auto or no",
               file=sys.stderr)
@@ -340,6 +361,12 @@ def resolve_resume(resume_from, output_dir, prefix):
         ckpts = list_checkpoints(output_dir, prefix)
         return ckpts[-1] if ckpts else None
     return resume_from
+
+
+def local_or_hub(name):
+    """A model's name as a checkpoint records it: a local folder as its absolute path (so the
+    checkpoint loads from any working directory), a hub id as it is."""
+    return os.path.abspath(name) if os.path.isdir(name) else name
 
 
 def resolve_checkpoint(path, prefix):

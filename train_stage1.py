@@ -106,8 +106,8 @@ def main(argv=None):
         accelerator, args, encoder.parameters(), loader)
     encoder, optimizer, lr_scheduler = accelerator.prepare(encoder, optimizer, lr_scheduler)
     unwrapped = accelerator.unwrap_model(encoder)
-    config = dict(encoder=unwrapped.config, sd_model_id=args.sd_model_id, cond_mode=args.cond_mode,
-                  image_size=args.image_size)
+    config = dict(encoder=unwrapped.config, sd_model_id=common.local_or_hub(args.sd_model_id),
+                  cond_mode=args.cond_mode, image_size=args.image_size)
     trainer = common.Trainer(
         accelerator=accelerator, args=args, model=encoder, optimizer=optimizer, lr_scheduler=lr_scheduler,
         loader=loader, steps_per_epoch=steps_per_epoch, max_steps=max_steps, kind=CKPT_KIND,

@@ -88,7 +88,7 @@ def main(argv=None):
     if not args.finetune_encoder:
         encoder.eval()
     captioner = EmbToCaption.from_pretrained(
-        args.llm, prefix_len=sd.seq_len, prefix_dim=sd.embed_dim, proj=args.proj,
+        common.local_or_hub(args.llm), prefix_len=sd.seq_len, prefix_dim=sd.embed_dim, proj=args.proj,
         freeze_lm=not args.finetune_lm, lora=args.lora, lora_rank=args.lora_rank)
     vlv = VLV(encoder, sd, captioner, args.prefix_source, image_size)
 

@@ -23,36 +23,55 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---------------------------------------------------------------------------------------------
 # --mixed_precision auto
 
-@pytest.mark.parametrize("avx512_bf16,amx,expected", [(False, False, "no"), (True, False, "bf16"),
-                                                      (False, True, "bf16")])
-def test_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, avx512_bf16, amx, expected):
+@pytest.mark.parametrize("avx512_bf16,amx,kind,expected", [(False, False, None, "no"),
+                                                           (True, False, "avx512_bf16", "no"),
+                                                           (True, True, "amx", "bf16")])
+def test_auto_is_bf16_only_on_a_cpu_with_amx(monkeypatch, avx512_bf16, amx, kind, expected):
+    """bf16 where it is faster than fp32 (AMX); not where it is emulated (AVX2), nor where AVX512-BF16
+    alone made a step no faster (docs/measurements.md, "Precision auto")."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert common.cpu_has_native_bf16() == (expected == "bf16")
+    assert common.cpu_bf16() == kind
     assert common.resolve_mixed_precision("auto", cuda=False)[0] == expected
     assert common.resolve_mixed_precision("no", cuda=False)[0] == "no"
 
 
+def test_a_onednn_cap_counts_as_the_features_it_leaves_out(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    for cap, kind in (("avx2", None), ("AVX512_CORE", None), ("AVX512_CORE_BF16", "avx512_bf16"),
+                      ("AVX512_CORE_AMX", "amx"), ("ALL", "amx")):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert common.cpu_bf16() == kind, cap
+
+
 def test_explicit_bf16_on_an_avx2_cpu_warns_and_fp16_needs_a_gpu(monkeypatch, capsys):
-    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(common, "cpu_bf16", lambda: None)
     assert common.resolve_mixed_precision("bf16", cuda=False)[0] == "bf16"
     assert "emulated" in capsys.readouterr().err
+    monkeypatch.setattr(common, "cpu_bf16", lambda: "avx512_bf16")
+    assert common.resolve_mixed_precision("bf16", cuda=False)[0] == "bf16"  # asked for: no warning
+    assert capsys.readouterr().err == ""
     with pytest.raises(BadInput, match="fp16 needs a CUDA GPU"):
         common.resolve_mixed_precision("fp16", cuda=False)
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_a_stage_records_what_auto_chose(tmp_path, monkeypatch, capsys, native):
+@pytest.mark.parametrize("kind", [None, "amx"])
+def test_a_stage_records_what_auto_chose(tmp_path, monkeypatch, capsys, kind):
     """The toy LM's stage (the cheapest real one) at its default auto: args.json holds the choice."""
     from scripts import train_toy_lm
     from test_toy_lm import CAPTIONS, write_captions
-    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(common, "cpu_bf16", lambda: kind)
     data = write_captions(tmp_path / "data", CAPTIONS * 3)
     out = str(tmp_path / "lm")
     train_toy_lm.main(["--data_dir", data, "--output_dir", out, "--max_steps", "1", "--batch_size", "2",
                        "--n_positions", "16", "--n_layer", "1", "--n_embd", "16", "--n_head", "2"])
-    assert json.load(open(os.path.join(out, "args.json")))["mixed_precision"] == ("bf16" if native else "no")
-    assert f"mixed precision: {'bf16' if native else 'no'} (auto: CPU with" in capsys.readouterr().err
+    chosen = "bf16" if kind else "no"
+    assert json.load(open(os.path.join(out, "args.json")))["mixed_precision"] == chosen
+    why = "CPU with AMX" if kind else "CPU without native bf16"
+    assert f"mixed precision: {chosen} (auto: {why})" in capsys.readouterr().err
 
 
 def test_every_preset_leaves_precision_to_auto():

@@ -274,3 +274,15 @@ def test_bad_arguments_give_one_clear_line(tmp_path, gpt2_dir):
     captioner = EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D)
     with pytest.raises(ValueError, match="expected"):
         captioner.generate(torch.randn(1, L + 1, D))
+
+
+def test_decoding_settings_are_checked(gpt2_dir):
+    captioner = EmbToCaption.from_pretrained(gpt2_dir, prefix_len=L, prefix_dim=D)
+    with pytest.raises(TypeError, match=r"unknown decoding settings \['beams'\]"):
+        captioner.generate(torch.randn(1, L, D), beams=3)
+    # the tiny GPT-2 has 64 positions: a prefix of L (+1 BOS) and 60 new tokens do not fit
+    with pytest.raises(BadInput, match=r"prefix \(5\) \+ max_new_tokens \(60\) exceeds the LM's 64 positions"):
+        captioner.generate(torch.randn(1, L, D), max_new_tokens=60)
+    kwargs = captioner.generation_kwargs(num_beams=2, do_sample=True, top_p=0.5)
+    assert (kwargs["num_beams"], kwargs["top_p"], kwargs["top_k"], kwargs["repetition_penalty"]) == (2, 0.5, 0, 1.0)
+    assert "top_p" not in captioner.generation_kwargs()  # beam search: no sampling settings

@@ -214,3 +214,16 @@ def test_tensorboard_logging(images_dir, tiny_sd_dir, tmp_path):
                       + ["--report_to", "tensorboard"])
     events = [f for _, _, files in os.walk(os.path.join(out, "logs")) for f in files if "tfevents" in f]
     assert events
+
+
+def test_checkpoint_loads_from_another_working_directory(images_dir, tiny_sd_dir, tmp_path, monkeypatch):
+    """A run given relative paths records its local SD folder absolute: infer.py and stage 2 load
+    the checkpoint from wherever they are run."""
+    work = tmp_path / "work"
+    work.mkdir()
+    os.symlink(tiny_sd_dir, work / "sd")
+    monkeypatch.chdir(work)
+    train_stage1.main(base_args(images_dir, "sd", "run", max_steps=1, checkpointing_steps=1))
+    monkeypatch.chdir(tmp_path)
+    encoder, sd, config, _ = common.load_stage1(str(work / "run"), "cpu")  # the run's folder: its newest
+    assert config["sd_model_id"] == str(work / "sd") and sd.seq_len == encoder.config["seq_len"]
