@@ -200,7 +200,7 @@ def machine_description():
 def resolve_mixed_precision(requested, cuda=None):
     """--mixed_precision -> (the setting to run: "no" | "bf16" | "fp16", why in a few words).
     auto is bf16 only where it is faster than fp32: a CUDA GPU with bf16, or a CPU with AMX. On a
-    CPU with AVX512-BF16 but no AMX a bf16 step measured 0.76-0.96x of fp32's, and on one with
+    CPU with AVX512-BF16 but no AMX a bf16 step measured 0.79-0.96x of fp32's, and on one with
     neither (AVX2) bf16 is emulated, about 10x slower (docs/measurements.md, "Precision auto").
     fp16 needs a GPU (and a scaler), so never by default."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
