@@ -260,6 +260,7 @@ BAD_COMMAND_LINES = {
 
 
 @pytest.mark.parametrize("script", sorted(BAD_COMMAND_LINES))
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy re-runs an imported module
 def test_bad_input_is_one_line_and_exit_status_2(script, tmp_path, monkeypatch, capsys):
     argv, needle = BAD_COMMAND_LINES[script]
     monkeypatch.chdir(tmp_path)
