@@ -96,15 +96,15 @@ def add_data_args(parser, data_help, image_size=None, image_size_help=None):
 
 def add_precision_arg(group):
     group.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                       help="auto: bf16 where it is native (a CUDA GPU with bf16, a CPU with AVX512-BF16 "
-                            "or AMX), else fp32 (no); emulated bf16 is several times slower than fp32. "
-                            "args.json records what auto chose")
+                       help="auto: bf16 where it is faster than fp32 (a CUDA GPU with bf16, a CPU with AMX), "
+                            "else fp32 (no); emulated bf16 is several times slower than fp32. args.json "
+                            "records what auto chose")
 
 
-def add_training_args(parser, output_dir_required=True):
+def add_training_args(parser):
     """Flags every training stage shares: optimisation, accelerate, checkpoints, logging."""
     g = parser.add_argument_group("training")
-    g.add_argument("--output_dir", required=output_dir_required)
+    g.add_argument("--output_dir", required=True)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch_size", type=int, default=32, help="per process")
     g.add_argument("--lr", type=float, default=1e-4)
@@ -221,6 +221,13 @@ def resolve_mixed_precision(requested, cuda=None):
     return requested, "as asked"
 
 
+def resolve_precision(args, cuda=None):
+    """Resolve args.mixed_precision in place (auto -> what runs) -> the line a run prints about it."""
+    requested = args.mixed_precision
+    args.mixed_precision, why = resolve_mixed_precision(requested, cuda)
+    return f"mixed precision: {args.mixed_precision}" + (f" (auto: {why})" if requested == "auto" else "")
+
+
 def fresh_accelerator_state():
     """Before another stage's main in the same process (benchmarks, tests), as in a new process:
     accelerate keeps one process-wide state, which refuses an Accelerator of another mixed precision
@@ -264,13 +271,11 @@ def setup_run(args, project_name):
     recorded in args.json as what ran), accelerator, seed + process index, args.json.
     Returns (accelerator, weight_dtype: the dtype for frozen weights)."""
     os.makedirs(args.output_dir, exist_ok=True)
-    requested = args.mixed_precision
-    args.mixed_precision, why = resolve_mixed_precision(requested)
+    precision = resolve_precision(args)
     accelerator = make_accelerator(args, project_name)
     from accelerate.utils import set_seed
     set_seed(args.seed, device_specific=True)  # seed + process index
-    print_main(accelerator, f"mixed precision: {args.mixed_precision}"
-                            + (f" (auto: {why})" if requested == "auto" else ""))
+    print_main(accelerator, precision)
     if accelerator.is_main_process:
         save_json(os.path.join(args.output_dir, "args.json"), vars(args))
     return accelerator, WEIGHT_DTYPES[args.mixed_precision]
@@ -458,13 +463,13 @@ def fingerprint(state_dict):
 # The training loop every stage shares: it owns stepping, accumulation, clipping, EMA, logging,
 # checkpoint cadence and exact resume; a stage supplies the loss and what a checkpoint holds.
 
-def build_optimization(accelerator, args, params, loader, fused=True):
+def build_optimization(accelerator, args, params, loader):
     """AdamW + warmup/decay schedule sized from the prepared loader. Returns
     (optimizer, lr_scheduler, steps_per_epoch, max_steps)."""
     from diffusers.optimization import get_scheduler
     # fused: one kernel for all the parameters, not a loop over them (half the optimiser's time in
     # a toy stage-2 step on the CPU; on a GPU it is the faster kernel too)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     steps_per_epoch = max(1, -(-len(loader) // args.gradient_accumulation_steps))
     max_steps = args.max_steps or args.epochs * steps_per_epoch
     # Counted in scheduler.step() calls: accelerate steps a prepared scheduler once per process.

@@ -268,10 +268,9 @@ def attribute_accuracy(preds, images_info):
     """preds {image_id: caption}; images_info {image_id: {"scene", "heldout", ...}} ->
     data.toy_world.grouped_accuracy of the parsed captions (images without a scene not counted)."""
     from data.toy_world import attribute_scores, grouped_accuracy, parse_caption
-    entries = [images_info[i] for i in preds if (images_info.get(i) or {}).get("scene") is not None]
-    results = [attribute_scores(parse_caption(preds[i]), images_info[i]["scene"])
-               for i in preds if (images_info.get(i) or {}).get("scene") is not None]
-    return grouped_accuracy(results, entries)
+    ids = [i for i in preds if (images_info.get(i) or {}).get("scene") is not None]
+    results = [attribute_scores(parse_caption(preds[i]), images_info[i]["scene"]) for i in ids]
+    return grouped_accuracy(results, [images_info[i] for i in ids])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,9 +30,7 @@ def main(argv=None):
     vlv = common.load_vlv(args.stage1_ckpt, args.stage2_ckpt, "cpu")
     captioner = vlv.captioner.eval()
     data = CocoImageCaptionDataset(args.data_dir, split="train", image_size=vlv.image_size)
-    first_item = {}  # image_id -> its first caption item: one item per image, all its references scored
-    for i, (image_id, _) in enumerate(data.items):
-        first_item.setdefault(image_id, i)
+    first_item = data.first_items()  # one item per image: all its references are scored
     ids = data.image_ids
     if len(ids) < args.batch_size * args.num_batches:
         common.die(f"--data_dir {args.data_dir} has {len(ids)} train images, fewer than --batch_size "

@@ -42,9 +42,7 @@ def main(argv=None):
     if any("scene" not in data.images_info[i] for i in ids):
         common.die(f"{args.data_dir}: not a toy world (its images have no scene); "
                    f"generate one with `python -m data.toy_world`")
-    first_item = {}  # image_id -> index of its first caption item
-    for i, (image_id, _) in enumerate(data.items):
-        first_item.setdefault(image_id, i)
+    first_item = data.first_items()
     sources = {"original image": [], "from z (stage 1)": [], "from the caption": []}
     entries = []
     with torch.no_grad():

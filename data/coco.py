@@ -235,7 +235,7 @@ def _read_karpathy(data_dir, split, karpathy_json):
     hint = "pass the Karpathy dataset_coco.json (images: [{filepath, filename, cocoid, split, sentences}])"
     if split not in KARPATHY_SPLITS:
         raise BadInput(f"--split {split} is not a Karpathy split; use one of {', '.join(KARPATHY_SPLITS)} "
-             f"(train includes restval)")
+                       f"(train includes restval)")
     data = _read_json(karpathy_json, hint)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise BadInput(f"{karpathy_json}: no \"images\" list; {hint}")
@@ -244,7 +244,7 @@ def _read_karpathy(data_dir, split, karpathy_json):
     for entry in data["images"]:
         if not isinstance(entry, dict) or not {"filename", "cocoid", "split"} <= entry.keys():
             raise BadInput(f"{karpathy_json}: an image entry lacks filename, cocoid or split "
-                 f"({str(entry)[:100]}); {hint}")
+                           f"({str(entry)[:100]}); {hint}")
         if entry["split"] not in wanted:
             continue
         image_id = int(entry["cocoid"])
@@ -265,7 +265,7 @@ class _CocoBase(_ImageDataset):
         check_subset_ratio(subset_ratio)  # before reading a large annotation file
         if not data_dir or not os.path.isdir(data_dir):
             raise BadInput(f"--data_dir {data_dir} does not exist; pass the COCO 2017 root "
-                 f"(with annotations/ and {split}2017/)")
+                           f"(with annotations/ and {split}2017/)")
         self.data_dir, self.split = data_dir, split
         if karpathy_json:
             records, self._paths = _read_karpathy(data_dir, split, karpathy_json)
@@ -321,10 +321,17 @@ class CocoImageCaptionDataset(_CocoBase):
         self.items = [(image_id, c) for image_id, caps in self.captions_by_image.items() for c in caps]
         if not self.items:
             raise BadInput(f"--data_dir {data_dir}: split {split} has no captions"
-                 + (f" (in the chosen subset of {len(self._records)} images)" if self._records else ""))
+                           + (f" (in the chosen subset of {len(self._records)} images)" if self._records else ""))
 
     def image_of(self, index):
         return self.items[index][0]
+
+    def first_items(self):
+        """{image_id: the index of its first caption item}, in file order: one item per image."""
+        firsts = {}
+        for index, (image_id, _) in enumerate(self.items):
+            firsts.setdefault(image_id, index)
+        return firsts
 
     def repeat_images(self, repeats):
         """repeats {image_id: k}: every caption of those images appears k times per epoch (k >= 1;
@@ -368,7 +375,7 @@ class ImageFolderDataset(_ImageDataset):
         files = list_images(folder)
         if not files:
             raise BadInput(f"--data_dir {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}, searched "
-                 f"recursively); pass a folder of images or the COCO 2017 root")
+                           f"recursively); pass a folder of images or the COCO 2017 root")
         self.folder = folder
         self.files = [files[i] for i in subset_indices(len(files), subset_ratio, seed)]
         self.image_ids = list(range(len(self.files)))
@@ -390,7 +397,7 @@ def make_images_dataset(data_dir, split="train", image_size=384, subset_ratio=1.
     """COCO images when data_dir has annotations/ (or a Karpathy file is given), else a folder."""
     if not data_dir or not os.path.isdir(data_dir):
         raise BadInput(f"--data_dir {data_dir} does not exist; pass the COCO 2017 root (with annotations/ and "
-             f"{split}2017/) or a folder of images")
+                       f"{split}2017/) or a folder of images")
     check_subset_ratio(subset_ratio)
     if karpathy_json or os.path.isdir(os.path.join(data_dir, "annotations")):
         return CocoImagesOnlyDataset(data_dir, split, image_size, subset_ratio, karpathy_json, seed)

@@ -219,29 +219,26 @@ def grouped_accuracy(results, entries):
         n = len(entry["scene"]["objects"])
         for name in (split, f"{split}, {n} object{'s' if n > 1 else ''}", "overall"):
             members.setdefault(name, []).append(result)
-    groups = {}
-    for name, group in members.items():
-        cells = {}
-        for result in group:
-            for attr, ok in result.items():
-                cell = cells.setdefault(attr, {"correct": 0, "total": 0})
-                cell["correct"] += int(bool(ok))
-                cell["total"] += 1
-        for cell in cells.values():
-            cell["accuracy"] = cell["correct"] / cell["total"]
-        groups[name] = {"num_images": len(group), **cells}
-    return groups
+    return {name: {"num_images": len(group), **attribute_counts(group)} for name, group in members.items()}
+
+
+def attribute_counts(results):
+    """{attr: {"correct", "total", "accuracy"}} over attribute_scores results. An attribute that only
+    some results have ("position" vs "relation") counts over those; one that none has is left out."""
+    cells = {}
+    for result in results:
+        for attr, ok in result.items():
+            cell = cells.setdefault(attr, {"correct": 0, "total": 0})
+            cell["correct"] += int(bool(ok))
+            cell["total"] += 1
+    for cell in cells.values():
+        cell["accuracy"] = cell["correct"] / cell["total"]
+    return cells
 
 
 def accuracy(results):
-    """Fraction right per attribute over attribute_scores results. An attribute that only some
-    results have ("position" vs "relation") counts over those; one that none has is left out."""
-    totals, counts = {}, {}
-    for result in results:
-        for k, ok in result.items():
-            totals[k] = totals.get(k, 0) + int(ok)
-            counts[k] = counts.get(k, 0) + 1
-    return {k: totals[k] / counts[k] for k in counts}
+    """Fraction right per attribute over attribute_scores results (attribute_counts' accuracies)."""
+    return {attr: cell["accuracy"] for attr, cell in attribute_counts(results).items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,9 +45,10 @@ def _load_lm(llm, dtype):
         lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"--llm {llm}: cannot load a causal LM and its tokenizer ({reason}); pass a local Hugging Face "
-             f"folder (config.json, weights, tokenizer files; e.g. `python -m scripts.train_toy_lm` writes one) "
-             f"or a hub id already in the HF cache (HF_HUB_OFFLINE=1 skips the network)")
+        raise BadInput(f"--llm {llm}: cannot load a causal LM and its tokenizer ({reason}); pass a local "
+                       f"Hugging Face folder (config.json, weights, tokenizer files; e.g. `python -m "
+                       f"scripts.train_toy_lm` writes one) or a hub id already in the HF cache (HF_HUB_OFFLINE=1 "
+                       f"skips the network)")
     return lm, tokenizer
 
 
@@ -61,7 +62,7 @@ def _lora_targets(lm):
                    if isinstance(m, (nn.Linear, Conv1D)) and ("attn" in name.lower() or "attention" in name.lower())]
     if not targets:
         raise BadInput(f"LoRA: found no Linear/Conv1D layer inside attention in a {type(lm).__name__}; "
-             f"use --finetune_lm or keep the LM frozen")
+                       f"use --finetune_lm or keep the LM frozen")
     # GPT-2 style Conv1D stores weights transposed; peft needs to be told.
     targeted = [m for name, m in lm.named_modules()
                 if any(name == t or name.endswith("." + t) for t in targets)]
@@ -112,7 +113,7 @@ class EmbToCaption(nn.Module):
             eos = eos[0] if isinstance(eos, (list, tuple)) else eos
             if eos is None:
                 raise BadInput(f"--llm {config['llm']}: its tokenizer and config define no end-of-text token, so "
-                     f"the captioner cannot learn to stop; use an LM with an eos_token")
+                               f"the captioner cannot learn to stop; use an LM with an eos_token")
             tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -300,10 +301,11 @@ class EmbToCaption(nn.Module):
         missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
         if missing or unexpected:
             raise BadInput(f"captioner checkpoint does not match this captioner (missing {missing[:3]}, unexpected "
-                 f"{unexpected[:3]}); rebuild it with the config saved with the checkpoint (proj, lora, freeze_lm)")
+                           f"{unexpected[:3]}); rebuild it with the config saved with the checkpoint (proj, lora, "
+                           f"freeze_lm)")
         with torch.no_grad():
             for name, p in params.items():
                 if sd[name].shape != p.shape:
                     raise BadInput(f"captioner checkpoint: {name} has shape {tuple(sd[name].shape)}, the model "
-                         f"{tuple(p.shape)}; rebuild it with the config saved with the checkpoint")
+                                   f"{tuple(p.shape)}; rebuild it with the config saved with the checkpoint")
                 p.copy_(sd[name])

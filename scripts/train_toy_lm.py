@@ -86,8 +86,9 @@ def caption_groups(data_dir):
     return groups
 
 
-def save_folder(lm, tokenizer, output_dir):
-    """The LM's files into output_dir, config.json last: a folder holding config.json is whole."""
+def save_folder(lm, output_dir):
+    """The LM's files into output_dir (its tokenizer is there already), config.json last: a folder
+    holding config.json is whole."""
     tmp = os.path.join(output_dir, f".save-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     lm.save_pretrained(tmp)
@@ -133,7 +134,7 @@ def main(argv=None):
     trainer.train(compute_loss, desc="toy lm")
     common.finish_run(trainer)
     if accelerator.is_main_process:
-        save_folder(accelerator.unwrap_model(model).eval(), tokenizer, args.output_dir)
+        save_folder(accelerator.unwrap_model(model).eval(), args.output_dir)
     k = min(10, len(losses))
     info = {"output_dir": args.output_dir, "step": trainer.step, "vocab_size": len(tokenizer),
             "num_captions": sum(len(g) for g in groups),

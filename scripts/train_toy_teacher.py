@@ -173,7 +173,8 @@ def autocast(args):
 def load_images(data_dir, split, image_size):
     """All images of a split in memory (the toy world is small): uint8 [N,3,S,S], entries, captions."""
     ann = os.path.join(data_dir, "annotations", f"captions_{split}2017.json")
-    images, captions = read_captions(ann, f"generate the toy world with `python -m data.toy_world --output_dir {data_dir}`")
+    images, captions = read_captions(ann, f"generate the toy world with `python -m data.toy_world --output_dir "
+                                          f"{data_dir}`")
     entries = list(images.values())
     pixels = np.empty((len(entries), image_size, image_size, 3), np.uint8)
     for i, e in enumerate(entries):
@@ -313,7 +314,7 @@ def pretrain_text_encoder(args, text_encoder, latents, tokens, gen):
 def train_unet(args, unet, text_encoder, scheduler, latents, tokens, draw_weights, empty_tokens, gen, state,
                checkpoint):
     """The UNet (and the text encoder when it trains) on the diffusion loss, from step 0 or the
-    checkpoint's; checkpoint(step, unet_state) saves. Returns the EMA'd parameters' count."""
+    checkpoint's; checkpoint(step, unet_state) saves. Leaves the EMA weights in the models."""
     from diffusers.training_utils import EMAModel
     mean, std, scaling = latents
     text_trains = args.text_encoder_lr_scale > 0 or args.clip_steps == 0
@@ -450,9 +451,7 @@ def main(argv=None):
     args = parse_args(argv)
     from diffusers import StableDiffusionPipeline
 
-    requested = args.mixed_precision
-    args.mixed_precision, why = common.resolve_mixed_precision(requested, cuda=False)  # the teacher runs on the CPU
-    print(f"mixed precision: {args.mixed_precision}" + (f" (auto: {why})" if requested == "auto" else ""), flush=True)
+    print(common.resolve_precision(args, cuda=False), flush=True)  # the teacher runs on the CPU
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)

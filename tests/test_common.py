@@ -176,6 +176,7 @@ def test_ema_and_grad_scaler_survive_a_resume(tmp_path):
 def test_resume_refuses_other_trajectory_settings(tmp_path):
     out = tmp_path / "run"
     run_regression(regression_args(out, max_steps=3))
+    # each is refused in Trainer.resume, before any step: the bf16 one computes nothing in bf16
     for changed, needle in ((dict(batch_size=2), "--batch_size 4"), (dict(lr=0.1), "--lr 0.05"),
                             (dict(gradient_accumulation_steps=2), "--gradient_accumulation_steps 1"),
                             (dict(mixed_precision="bf16"), "--mixed_precision no")):
