@@ -51,6 +51,8 @@ PRESETS = {
         "stage2": dict(llm="checkpoints/toy/lm", batch_size=64, lr=1e-3, lr_warmup_steps=50, two_object_repeat=3,
                        caption_loss="posterior_ref", finetune_lm=True, finetune_encoder=True, max_steps=1400,
                        checkpointing_steps=700, validation_steps=700),
+        "flow": dict(width=64, depth=3, heads=4, batch_size=128, lr=1e-3, lr_warmup_steps=100, max_steps=1000,
+                     checkpointing_steps=500, validation_steps=500, use_ema=True, ema_decay=0.999),
     },
 }
 
@@ -118,7 +120,8 @@ def add_training_args(parser):
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     add_precision_arg(g)
-    g.add_argument("--use_ema", action="store_true")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep an EMA of the weights (diffusers' EMAModel, with its warm-up)")
     g.add_argument("--ema_decay", type=float, default=0.9999)
     g.add_argument("--num_workers", type=int, default=2)
     g.add_argument("--checkpointing_steps", type=int, default=1000)
@@ -663,25 +666,249 @@ def load_stage1(path, device, dtype=torch.float32):
     return encoder.to(device), sd.to(device), config, fingerprint(ckpt["model"])
 
 
-def load_vlv(stage1_ckpt, stage2_ckpt, device="cpu"):
+def load_encoder(stage1_ckpt, stage2_ckpt=None, device="cpu", dtype=torch.float32):
+    """The vision encoder as a captioner reads it: stage 1's, or stage 2's when that run fine-tuned
+    it (stage2_ckpt given). Refuses a stage-2 checkpoint trained on other stage-1 weights.
+    Returns (encoder, sd, the stage-2 checkpoint or None, info): info holds both checkpoints' paths,
+    the stage-1 fingerprint and encoder_fingerprint, that of the weights now in the encoder (what
+    anything trained on its z, a flow or a bridge, records and is checked against)."""
+    stage1_ckpt = resolve_checkpoint(stage1_ckpt, "vision_encoder")
+    encoder, sd, _, stage1_fingerprint = load_stage1(stage1_ckpt, device, dtype)
+    info = dict(stage1_ckpt=os.path.abspath(stage1_ckpt), stage1_fingerprint=stage1_fingerprint,
+                stage2_ckpt=None, encoder_fingerprint=stage1_fingerprint)
+    ckpt = None
+    if stage2_ckpt is not None:
+        stage2_ckpt = resolve_checkpoint(stage2_ckpt, "captioner")
+        ckpt = load_checkpoint(stage2_ckpt, "stage2")
+        info["stage2_ckpt"] = os.path.abspath(stage2_ckpt)
+        if "encoder" in ckpt["model"]:  # stage 2 fine-tuned the encoder: its weights win
+            encoder.load_state_dict(ckpt["model"]["encoder"])
+            info["encoder_fingerprint"] = fingerprint(ckpt["model"]["encoder"])
+        elif stage1_fingerprint != ckpt["config"]["stage1_fingerprint"]:
+            die(f"{stage2_ckpt} was trained on the stage-1 weights of {ckpt['config']['stage1_ckpt']}, "
+                f"not on those in {stage1_ckpt}; pass the stage-1 checkpoint it was trained with")
+    return encoder, sd, ckpt, info
+
+
+def load_vlv(stage1_ckpt, stage2_ckpt=None, device="cpu"):
     """The auto-encoder from its two checkpoints (files, or the runs' folders for their newest);
-    refuses a pair that was not trained together."""
+    refuses a pair that was not trained together. Without stage2_ckpt: encoder and SD only
+    (captioner None; features and regenerations from z). vlv.info: load_encoder's info."""
     from models.emb_to_caption import EmbToCaption
     from models.vlv import VLV
-    stage2_ckpt = resolve_checkpoint(stage2_ckpt, "captioner")
-    ckpt = load_checkpoint(stage2_ckpt, "stage2")
-    config = ckpt["config"]
-    stage1_ckpt = resolve_checkpoint(stage1_ckpt, "vision_encoder")
-    encoder, sd, _, stage1_fingerprint = load_stage1(stage1_ckpt, device)
-    if "encoder" in ckpt["model"]:  # stage 2 fine-tuned the encoder: its weights win
-        encoder.load_state_dict(ckpt["model"]["encoder"])
-    elif stage1_fingerprint != config["stage1_fingerprint"]:
-        die(f"{stage2_ckpt} was trained on the stage-1 weights of {config['stage1_ckpt']}, "
-            f"not on those in {stage1_ckpt}; pass the stage-1 checkpoint it was trained with")
-    captioner = EmbToCaption.from_pretrained(**config["captioner"])
-    captioner.load_trainable_state_dict(ckpt["model"]["captioner"])
-    vlv = VLV(encoder, sd, captioner, config["prefix_source"], config["image_size"])
+    encoder, sd, ckpt, info = load_encoder(stage1_ckpt, stage2_ckpt, device)
+    if ckpt is None:
+        stage1 = load_checkpoint(info["stage1_ckpt"], "stage1")["config"]
+        vlv = VLV(encoder, sd, None, "cond", stage1["image_size"])
+    else:
+        config = ckpt["config"]
+        captioner = EmbToCaption.from_pretrained(**config["captioner"])
+        captioner.load_trainable_state_dict(ckpt["model"]["captioner"])
+        vlv = VLV(encoder, sd, captioner, config["prefix_source"], config["image_size"])
+    vlv.info = info
     return vlv.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings of a dataset, extracted once and cached (flows, the bridge, --save_features)
+
+class _ImagesOf(torch.utils.data.Dataset):
+    """Items {"pixel_values", "position"} of the images image_ids of a COCO dataset (None if unreadable)."""
+
+    def __init__(self, dataset, image_ids, transform):
+        self.dataset, self.image_ids, self.transform = dataset, image_ids, transform
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def __getitem__(self, position):
+        from data.coco import read_pixels
+        pixels = read_pixels(self.dataset.image_path(self.image_ids[position]), self.transform)
+        return None if pixels is None else {"pixel_values": pixels, "position": position}
+
+
+@torch.no_grad()
+def embed_images(encoder, sd, dataset, image_ids, image_size, batch_size=64, num_workers=0, device="cpu",
+                 cond=False, copies=0, degrade=None, desc="embedding images"):
+    """z (and cond(z), and z of `copies` corrupted copies) of the images image_ids of a COCO
+    dataset, in batches with a progress bar. degrade(image [3,S,S], copy, image_id) -> image.
+    Returns {"position" [N] (into image_ids; unreadable images are left out), "z" [N,L,D],
+    "cond" [N,L,D], "z_degraded" [copies,N,L,D]} on the CPU."""
+    from tqdm.auto import tqdm
+
+    from data.coco import collate_skip_none, image_transform
+    loader = torch.utils.data.DataLoader(_ImagesOf(dataset, image_ids, image_transform(image_size)),
+                                         batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=collate_skip_none)
+    out = {"position": [], "z": [], "cond": [], "z_degraded": [[] for _ in range(copies)]}
+    for batch in tqdm(loader, desc=desc):
+        if batch is None:
+            continue
+        images = batch["pixel_values"].to(device)
+        z = encoder(images)
+        out["position"].append(batch["position"])
+        out["z"].append(z.float().cpu())
+        if cond:
+            out["cond"].append(sd.condition(z).float().cpu())
+        for k in range(copies):
+            ids = [image_ids[p] for p in batch["position"].tolist()]
+            corrupted = torch.stack([degrade(x, k, i) for x, i in zip(batch["pixel_values"], ids)])
+            out["z_degraded"][k].append(encoder(corrupted.to(device)).float().cpu())
+    if not out["position"]:
+        die(f"none of the {len(image_ids)} images of {dataset.data_dir} ({dataset.split}) could be read")
+    result = {"position": torch.cat(out["position"]), "z": torch.cat(out["z"])}
+    if cond:
+        result["cond"] = torch.cat(out["cond"])
+    if copies:
+        result["z_degraded"] = torch.stack([torch.cat(c) for c in out["z_degraded"]])
+    return result
+
+
+@torch.no_grad()
+def embed_texts(sd, captions, batch_size=256, desc="embedding captions"):
+    """T(caption): the frozen SD text encoder's output [M,L,D] of each caption, on the CPU."""
+    from tqdm.auto import tqdm
+    return torch.cat([sd.embed_text(captions[s:s + batch_size]).float().cpu()
+                      for s in tqdm(range(0, len(captions), batch_size), desc=desc)])
+
+
+def cached_features(path, settings, compute):
+    """The tensors of safetensors file `path` if it was written for these settings (a JSON-able
+    dict: what the features depend on), else compute() -> {name: tensor}, written atomically."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    wanted = json.dumps(settings, sort_keys=True)
+    if os.path.isfile(path):
+        with safe_open(path, "pt") as f:
+            found = (f.metadata() or {}).get("settings")
+        if found == wanted:
+            print(f"features: reusing {path}", file=sys.stderr)
+            return load_file(path)
+        print(f"features: {path} was extracted with other settings; extracting again", file=sys.stderr)
+    tensors = {k: v.contiguous() for k, v in compute().items()}
+    with atomic_path(path, ".tmp.safetensors") as tmp:
+        save_file(tensors, tmp, metadata={"settings": wanted})
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# Enhancers (models/enhancers.py) from --enhancer
+
+ENHANCER_KINDS = ("flow", "flow_baseline")  # checkpoint kinds --enhancer reads
+
+
+def add_enhancer_args(parser):
+    g = parser.add_argument_group("feature enhancer (between the encoder and the captioner)")
+    g.add_argument("--enhancer", default="none",
+                   help="none; sd_refine (gradient steps on z against the frozen SD, no training); or a "
+                        "checkpoint: flow_{step}.pt or baseline.pt of train_flowmatching.py (its run "
+                        "folder: the newest flow)")
+    g.add_argument("--enhancer_steps", type=int, default=8, help="ODE steps of a flow")
+    g.add_argument("--enhancer_t0", type=float, default=0.0,
+                   help="start the flow's ODE at this t in [0, 1): the input taken as x_t0")
+    g.add_argument("--enhancer_solver", default="euler", choices=["euler", "midpoint", "heun"])
+    g.add_argument("--refine_steps", type=int, default=10, help="sd_refine: Adam steps on z")
+    g.add_argument("--refine_lr", type=float, default=0.05, help="sd_refine: their learning rate")
+    return g
+
+
+def output_settings(args, vlv, captions=True):
+    """What a resumable output (captions, features) depends on: data.predictions.check_settings
+    refuses to go on with a file made with other settings."""
+    keys = ["enhancer", "enhancer_steps", "enhancer_t0", "enhancer_solver", "refine_steps", "refine_lr"]
+    if captions:
+        keys += list(decoding_kwargs(args)) + ["seed"]
+    return dict(encoder=vlv.info["encoder_fingerprint"], stage2=vlv.info["stage2_ckpt"],
+                **{k: getattr(args, k) for k in keys})
+
+
+def read_enhancer_checkpoint(path):
+    """A flow or baseline checkpoint -> its dict; one line for anything else."""
+    if os.path.isdir(path):
+        path = resolve_checkpoint(path, "flow")
+    if not os.path.isfile(path):
+        die(f"--enhancer {path} does not exist; pass none, sd_refine, or a flow_{{step}}.pt / baseline.pt "
+            f"of train_flowmatching.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        die(f"--enhancer {path} is not a checkpoint this project can read ({type(e).__name__}); pass a "
+            f"flow_{{step}}.pt or baseline.pt of train_flowmatching.py")
+    kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
+    if kind not in ENHANCER_KINDS:
+        die(f"--enhancer {path} is a {kind or 'foreign'} checkpoint, not an enhancer ({' or '.join(ENHANCER_KINDS)}); "
+            f"pass a flow_{{step}}.pt or baseline.pt of train_flowmatching.py")
+    return path, ckpt
+
+
+def flow_of(ckpt):
+    """The models.flow.Flow of a flow checkpoint, with its EMA weights when the run kept them."""
+    from models.flow import Flow
+    flow = Flow.from_config(ckpt["config"])
+    flow.load_state_dict(ckpt["model"])
+    if ckpt.get("ema"):  # diffusers' EMAModel: shadow_params in the order of the trained parameters
+        with torch.no_grad():
+            for p, shadow in zip(flow.parameters(), ckpt["ema"]["shadow_params"]):
+                p.copy_(shadow)
+    return flow.eval()
+
+
+def build_enhancer(ckpt, path, t0=0.0, steps=8, method="euler"):
+    """A flow or baseline checkpoint -> (enhancer module, its config), before any checks."""
+    from models.enhancers import FlowEnhancer, LinearEnhancer
+    from models.flow import RidgeMap
+    config = ckpt["config"]
+    if config["mode"] == "prior":
+        die(f"--enhancer {path} is a prior (it draws z from noise), not an enhancer; pass a flow of "
+            f"--mode denoise, degrade or visual2text")
+    if ckpt["kind"] == "flow":
+        return FlowEnhancer(flow_of(ckpt), config["space"], t0, steps, method), config
+    ridge = RidgeMap(config["net"]["seq_len"], config["net"]["dim"])
+    ridge.load_state_dict(ckpt["model"])
+    return LinearEnhancer(ridge, config["space"]), config
+
+
+def load_enhancer(args, vlv):
+    """--enhancer and its flags -> vlv.enhancer (None for none), checked against vlv: the encoder
+    its flow was trained on, the space the captioner reads, the widths."""
+    from models.enhancers import SDRefine
+    spec = args.enhancer
+    if spec == "none":
+        vlv.enhancer = None
+        return None
+    if spec == "sd_refine":
+        if args.refine_steps < 1:
+            die(f"--refine_steps {args.refine_steps}: sd_refine needs at least 1 step")
+        vlv.enhancer = SDRefine(vlv.sd, args.refine_steps, args.refine_lr, getattr(args, "seed", 0))
+        return vlv.enhancer
+    if not 0 <= args.enhancer_t0 < 1:
+        die(f"--enhancer_t0 {args.enhancer_t0}: must be in [0, 1)")
+    if args.enhancer_steps < 1:
+        die(f"--enhancer_steps {args.enhancer_steps}: must be at least 1")
+    path, ckpt = read_enhancer_checkpoint(spec)
+    check_enhancer(ckpt["config"], path, vlv)
+    enhancer, _ = build_enhancer(ckpt, path, args.enhancer_t0, args.enhancer_steps, args.enhancer_solver)
+    vlv.enhancer = enhancer.to(next(vlv.parameters()).device)
+    return enhancer
+
+
+def check_enhancer(config, path, vlv):
+    """One line if the enhancer of `path` cannot serve vlv."""
+    expected = (vlv.sd.seq_len, vlv.sd.embed_dim)
+    found = (config["net"]["seq_len"], config["net"]["dim"])
+    if found != expected:
+        die(f"--enhancer {path} works on [{found[0]}, {found[1]}] embeddings, this model's are "
+            f"[{expected[0]}, {expected[1]}]; pass an enhancer trained on this model's encoder")
+    if config["encoder_fingerprint"] != vlv.info["encoder_fingerprint"]:
+        trained = config["stage1_ckpt"] + (f" + {config['stage2_ckpt']}" if config.get("stage2_ckpt") else "")
+        die(f"--enhancer {path} was trained on the z of another encoder ({trained}); pass the checkpoints "
+            f"it was trained with, or train a flow on these (train_flowmatching.py --stage1_ckpt "
+            f"... --stage2_ckpt ...)")
+    if config["space"] == "cond" and vlv.prefix_source != "cond":
+        die(f"--enhancer {path} maps cond(z), but this captioner reads z itself (--prefix_source z); "
+            f"pass a flow of --mode denoise or degrade")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_decoding_args(p, num_beams=3)
+    common.add_enhancer_args(p)
     return p
 
 
@@ -113,6 +114,8 @@ def parse_args(argv=None):
                 common.die(f"{flag} {path} does not exist")
         if args.regen:
             common.die("--regen draws images with the model; it needs --stage1_ckpt and --stage2_ckpt")
+        if args.enhancer != "none":
+            common.die("--enhancer acts on a model's z; it needs --stage1_ckpt and --stage2_ckpt, not --preds_json")
     else:
         common.die("nothing to score: give --preds_json FILE --ann_json FILE, or --stage1_ckpt and "
                    "--stage2_ckpt with --data_dir")
@@ -364,6 +367,7 @@ def preds_file_inputs(args):
 def model_inputs(args):
     """Model mode: caption the split with a trained VLV -> (preds, refs, images_info, loaders, vlv)."""
     vlv = common.load_vlv(args.stage1_ckpt, args.stage2_ckpt, args.device)
+    common.load_enhancer(args, vlv)
     dataset = CocoImageCaptionDataset(args.data_dir, split=args.split, image_size=vlv.image_size,
                                       karpathy_json=args.karpathy_json, seed=args.seed)
     ids = dataset.image_ids[:args.num_samples]  # one item per image (those with captions), file order
@@ -380,7 +384,7 @@ def model_inputs(args):
 
     items = [{"image_id": i, "pixel_values": (lambda i=i: read_pixels(dataset.image_path(i), transform))}
              for i in ids]
-    preds = run_predictions(caption_fn, items, args.out_jsonl, args.batch_size)
+    preds = run_predictions(caption_fn, items, args.out_jsonl, args.batch_size, common.output_settings(args, vlv))
     print(f"{args.out_jsonl}: {len(preds)} predictions", file=sys.stderr)
     return preds, dataset.captions_by_image, dataset.images_info, loaders, vlv
 

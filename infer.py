@@ -3,6 +3,8 @@
     python infer.py --image_path img.jpg --stage1_ckpt checkpoints/toy/stage1 --stage2_ckpt checkpoints/toy/stage2
     python infer.py --image_dir photos/ --stage1_ckpt ... --stage2_ckpt ... --out_jsonl captions.jsonl
     python infer.py --image_path img.jpg ... --regen_image --out_image regen.png --recon_image --out_recon recon.png
+    python infer.py --image_path img.jpg ... --enhancer checkpoints/toy/flow_degrade      # z enhanced first
+    python infer.py --image_dir photos/ --stage1_ckpt ... --enhancer ... --save_features feats.safetensors
 (--stage1_ckpt / --stage2_ckpt: a checkpoint file, or a run's --output_dir for its newest checkpoint)
 """
 import argparse
@@ -25,10 +27,15 @@ def build_parser():
     src.add_argument("--image_path", help="one image: its caption is printed")
     src.add_argument("--image_dir", help="a folder: captions go to --out_jsonl, in batches")
     p.add_argument("--stage1_ckpt", required=True, help="vision_encoder_{step}.pt, or the stage-1 run's folder")
-    p.add_argument("--stage2_ckpt", required=True, help="captioner_{step}.pt, or the stage-2 run's folder")
+    p.add_argument("--stage2_ckpt", default=None,
+                   help="captioner_{step}.pt, or the stage-2 run's folder (needed for captions)")
     p.add_argument("--out_jsonl", default="captions.jsonl")
+    p.add_argument("--save_features", default=None,
+                   help="with --image_dir: write z of each image (and the enhanced z or cond(z) with "
+                        "--enhancer) to this safetensors file, by name, instead of captions; a re-run resumes")
     p.add_argument("--batch_size", type=int, default=16)
     common.add_decoding_args(p, num_beams=5)
+    common.add_enhancer_args(p)
     g = p.add_argument_group("regeneration (single image)")
     g.add_argument("--regen_image", action="store_true", help="draw the image again from its caption")
     g.add_argument("--out_image", default="regenerated.png")
@@ -42,7 +49,30 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.save_features and not args.image_dir:
+        common.die("--save_features writes the features of a folder: pass --image_dir")
+    if not args.save_features and not args.stage2_ckpt:
+        common.die("captions need --stage2_ckpt (the captioner); or pass --image_dir with --save_features "
+                   "for features only")
+    return args
+
+
+def save_features(vlv, args, items):
+    """--save_features: z of each image, and the enhancer's output in its space (z or cond)."""
+    from data.predictions import run_features
+
+    def features(images):
+        images = torch.stack(images).to(args.device)
+        out = {"z": vlv.encoder(images)}
+        if vlv.enhancer is not None:
+            z, cond = vlv.embed(images)
+            out[f"{vlv.enhancer.space}_enhanced"] = z if vlv.enhancer.space == "z" else cond
+        return out
+
+    n = run_features(features, items, args.save_features, args.batch_size, common.output_settings(args, vlv, captions=False))
+    print(f"features of {n} images in {args.save_features}", file=sys.stderr)
+    return n
 
 
 def main(argv=None):
@@ -50,6 +80,7 @@ def main(argv=None):
     if args.do_sample:
         torch.manual_seed(args.seed)
     vlv = common.load_vlv(args.stage1_ckpt, args.stage2_ckpt, args.device)
+    common.load_enhancer(args, vlv)
     transform = image_transform(vlv.image_size)
     decoding = common.decoding_kwargs(args)
 
@@ -77,8 +108,10 @@ def main(argv=None):
     # killed run resumes where it stopped. Unreadable files are warned about and skipped.
     items = [{"image_id": os.path.relpath(f, args.image_dir), "pixel_values": (lambda f=f: read_pixels(f, transform))}
              for f in files]
+    if args.save_features:
+        return save_features(vlv, args, items)
     captions = run_predictions(lambda images: vlv.caption(torch.stack(images).to(args.device), **decoding),
-                               items, args.out_jsonl, args.batch_size)
+                               items, args.out_jsonl, args.batch_size, common.output_settings(args, vlv))
     print(f"{len(captions)} captions in {args.out_jsonl}", file=sys.stderr)
     return captions
 

@@ -1,8 +1,10 @@
-"""Prediction files: {image_id, caption} records, as a JSON list (COCO results format) or JSONL.
+"""Prediction files: {image_id, caption} records, as a JSON list (COCO results format) or JSONL;
+and feature files: tensors of named images in safetensors.
 
 infer.py and eval_captioning.py append the captions they make to a JSONL file a batch at a time,
 each batch flushed and fsync'ed, so a killed run loses at most the batch it was making and a
-re-run captions only what is missing (run_predictions).
+re-run captions only what is missing (run_predictions). infer.py --save_features writes each
+batch's tensors as a part file and merges them at the end (run_features), with the same promise.
 """
 import json
 import os
@@ -59,16 +61,51 @@ def _repair_tail(path):
                   file=sys.stderr)
 
 
-def run_predictions(caption_fn, dataset_items, out_jsonl, batch_size):
+def check_settings(out_path, settings):
+    """A resumable output remembers what made it (`out_path.settings.json`): a re-run with other
+    settings (another checkpoint, enhancer, decoding) would mix two models' outputs in one file,
+    so it is refused. settings: a JSON-able dict, or None to skip the check."""
+    if settings is None:
+        return
+    from data.files import save_json
+    path = out_path + ".settings.json"
+    settings = json.loads(json.dumps(settings, default=str))
+    started = os.path.exists(out_path) or os.path.exists(out_path + ".parts")  # run_features' parts
+    if started and os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            k = changed[0]
+            raise BadInput(f"{out_path} was made with {k}={before.get(k)!r}, this run has {settings.get(k)!r}; "
+                           f"pass another output path, or delete it to start over")
+    save_json(path, settings)
+
+
+def _load(items):
+    """A batch of items -> (their image_ids, their [3,H,W] tensors, how many were unreadable)."""
+    ids, images = [], []
+    for item in items:
+        pixels = item["pixel_values"]
+        pixels = pixels() if callable(pixels) else pixels
+        if pixels is not None:
+            ids.append(item["image_id"])
+            images.append(pixels)
+    return ids, images, len(items) - len(ids)
+
+
+def run_predictions(caption_fn, dataset_items, out_jsonl, batch_size, settings=None):
     """Caption every item not yet in out_jsonl; returns {image_id: caption} for all items done.
 
     dataset_items: a sequence of {"image_id", "pixel_values"} where pixel_values is a [3,H,W]
     tensor or a callable returning one (or None for an unreadable image, which is skipped), so a
     resumed run does not even load the images it already captioned. caption_fn(list of [3,H,W]
     tensors) -> list[str]. Each batch is appended and fsync'ed as soon as it is made.
+    settings: what made the captions (check_settings).
     """
     from tqdm.auto import tqdm
     os.makedirs(os.path.dirname(os.path.abspath(out_jsonl)), exist_ok=True)
+    check_settings(out_jsonl, settings)
     done = {}
     if os.path.exists(out_jsonl):
         _repair_tail(out_jsonl)
@@ -80,15 +117,8 @@ def run_predictions(caption_fn, dataset_items, out_jsonl, batch_size):
     skipped = 0
     with open(out_jsonl, "a") as out:
         for start in tqdm(range(0, len(todo), batch_size), desc="captioning", disable=not todo):
-            ids, images = [], []
-            for item in todo[start:start + batch_size]:
-                pixels = item["pixel_values"]
-                pixels = pixels() if callable(pixels) else pixels
-                if pixels is None:
-                    skipped += 1
-                    continue
-                ids.append(item["image_id"])
-                images.append(pixels)
+            ids, images, unreadable = _load(todo[start:start + batch_size])
+            skipped += unreadable
             if not images:
                 continue
             captions = caption_fn(images)
@@ -102,3 +132,87 @@ def run_predictions(caption_fn, dataset_items, out_jsonl, batch_size):
     if skipped:
         print(f"skipped {skipped} unreadable images", file=sys.stderr)
     return {item["image_id"]: done[item["image_id"]] for item in dataset_items if item["image_id"] in done}
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature files: tensors of a folder of images, by name, in safetensors
+
+def _names_of(path):
+    import json
+
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return json.loads((f.metadata() or {}).get("names", "[]"))
+
+
+def read_features(path):
+    """A feature file -> (names [N], {key: tensor [N, ...]})."""
+    from safetensors.torch import load_file
+    return _names_of(path), load_file(path)
+
+
+def _write_features(path, names, tensors):
+    import json
+
+    from safetensors.torch import save_file
+
+    from data.files import atomic_path
+    with atomic_path(path, ".tmp.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"names": json.dumps(names)})
+
+
+def run_features(feature_fn, dataset_items, out_path, batch_size, settings=None):
+    """Like run_predictions, for tensors: feature_fn(list of [3,H,W]) -> {key: [B, ...]} for every
+    item not yet done. Each batch is written at once, atomically, as a part file in
+    `out_path.parts/`; at the end the parts (and an earlier out_path) become out_path, with the
+    names in its metadata, in item order, and the parts are removed. A killed run resumes from its
+    parts and computes each image once. settings: check_settings. Returns the number of images."""
+    import shutil
+
+    import torch
+    from tqdm.auto import tqdm
+    parts_dir = out_path + ".parts"
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    check_settings(out_path, settings)
+    os.makedirs(parts_dir, exist_ok=True)
+    done = {}   # name -> (file, row)
+    sources = [out_path] if os.path.exists(out_path) else []
+    sources += [os.path.join(parts_dir, p) for p in sorted(os.listdir(parts_dir)) if p.endswith(".safetensors")]
+    for source in sources:
+        for row, name in enumerate(_names_of(source)):
+            done.setdefault(name, (source, row))
+    todo = [item for item in dataset_items if item["image_id"] not in done]
+    if done:
+        print(f"{out_path}: {len(dataset_items) - len(todo)} images already done; {len(todo)} to go", file=sys.stderr)
+    part = len(sources)
+    skipped = 0
+    for start in tqdm(range(0, len(todo), batch_size), desc="features", disable=not todo):
+        names, images, unreadable = _load(todo[start:start + batch_size])
+        skipped += unreadable
+        if not images:
+            continue
+        tensors = {k: v.detach().float().cpu() for k, v in feature_fn(images).items()}
+        path = os.path.join(parts_dir, f"part_{part:06d}.safetensors")
+        _write_features(path, names, tensors)
+        part += 1
+        for row, name in enumerate(names):
+            done[name] = (path, row)
+    if skipped:
+        print(f"skipped {skipped} unreadable images", file=sys.stderr)
+    order = [item["image_id"] for item in dataset_items if item["image_id"] in done]
+    in_order = set(order)
+    order += [name for name in done if name not in in_order]  # kept from an earlier run's file
+    loaded = {}
+    for path, _ in done.values():
+        if path not in loaded:
+            loaded[path] = read_features(path)[1]
+    keys = sorted(next(iter(loaded.values()))) if loaded else []
+    for path, tensors in loaded.items():
+        if sorted(tensors) != keys:
+            raise BadInput(f"{path} holds {', '.join(sorted(tensors))}, other parts {', '.join(keys)}: written "
+                           f"with other settings (e.g. --enhancer); delete it or pass another --save_features")
+    merged = {k: torch.stack([loaded[done[n][0]][k][done[n][1]] for n in order]) for k in keys}
+    if merged:
+        _write_features(out_path, order, merged)
+    shutil.rmtree(parts_dir)
+    return len(order)

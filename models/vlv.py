@@ -13,15 +13,28 @@ class VLV(nn.Module):
     (the paper's choice: psi is applied to the text-encoder output), or "z" itself.
     """
 
-    def __init__(self, encoder, sd, captioner, prefix_source="cond", image_size=384):
+    def __init__(self, encoder, sd, captioner, prefix_source="cond", image_size=384, enhancer=None):
         super().__init__()
         self.encoder, self.sd, self.captioner = encoder, sd, captioner
         self.prefix_source, self.image_size = prefix_source, image_size
+        self.enhancer = enhancer  # models.enhancers: applied at inference, in its space ("z" or "cond")
+
+    def embed(self, images):
+        """images [B,3,S,S] in [0,1] -> (z, cond(z)) [B,L,D] each, through the enhancer if any."""
+        z = self.encoder(images)
+        if self.enhancer is not None and self.enhancer.space == "z":
+            z = self.enhancer(z, images)
+        cond = self.sd.condition(z)
+        if self.enhancer is not None and self.enhancer.space == "cond":
+            cond = self.enhancer(cond, images)
+        return z, cond
 
     def prefix(self, images):
         """images [B,3,S,S] in [0,1] -> the captioner's input [B,L,D]."""
-        z = self.encoder(images)
-        return self.sd.condition(z) if self.prefix_source == "cond" else z
+        if self.enhancer is None and self.prefix_source == "z":
+            return self.encoder(images)
+        z, cond = self.embed(images)
+        return cond if self.prefix_source == "cond" else z
 
     def forward(self, images, captions, groups=None, pick="best"):
         """The stage-2 loss. captions: one per image, or, with groups (LongTensor, caption i belongs
@@ -41,7 +54,8 @@ class VLV(nn.Module):
     @torch.no_grad()
     def regenerate(self, images=None, captions=None, num_inference_steps=50, guidance_scale=2.0, seed=0):
         """From captions (caption -> SD text encoder -> SD) or, when captions is None, straight
-        from z (z -> cond -> SD). Returns [B,3,H,W] in [0,1] at the SD resolution."""
-        cond = self.sd.embed_text(captions) if captions is not None else self.sd.condition(self.encoder(images))
+        from z (z -> cond -> SD, through the enhancer if any). Returns [B,3,H,W] in [0,1] at the SD
+        resolution."""
+        cond = self.sd.embed_text(captions) if captions is not None else self.embed(images)[1]
         return self.sd.generate(cond, num_inference_steps=num_inference_steps,
                                 guidance_scale=guidance_scale, seed=seed)

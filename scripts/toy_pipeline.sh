@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole toy world end to end on a CPU: set up, data, teacher, toy LM, stage 1, stage 2, then
-# captions and regenerated images of val images and the metrics table. The recipe is `--preset toy`
+# The whole toy world end to end on a CPU: set up, data, teacher, toy LM, stage 1, stage 2, the
+# degrade enhancer and the prior over z (flow matching), then captions and regenerated images of
+# val images, the metrics table, and the table of the enhancer on corrupted val images. The recipe is `--preset toy`
 # (common.PRESETS); precision is each stage's --mixed_precision auto (bf16 only where the CPU has it
 # natively), or MIXED_PRECISION=no|bf16 for all of them.
 # Re-running reuses what is on disk (data, teacher, LM) and resumes the training stages.
@@ -36,10 +37,20 @@ timed "stage 1 (distillation)" $PY train_stage1.py --preset toy --data_dir "$OUT
   --sd_model_id "$OUT/teacher" --output_dir "$OUT/stage1" --resume_from latest "${PRECISION[@]}"
 timed "stage 2 (captioner)" $PY train_stage2.py --preset toy --data_dir "$OUT/data" --llm "$OUT/lm" \
   --stage1_ckpt "$OUT/stage1" --output_dir "$OUT/stage2" --resume_from latest "${PRECISION[@]}"
+for mode in degrade prior; do  # the cheap flows: they train on cached z
+  timed "flow: $mode" $PY train_flowmatching.py --preset toy --mode $mode --data_dir "$OUT/data" \
+    --stage1_ckpt "$OUT/stage1" --stage2_ckpt "$OUT/stage2" --output_dir "$OUT/flow_$mode" \
+    --resume_from latest "${PRECISION[@]}"
+done
 timed "captions + regenerations + metrics" $PY eval_captioning.py --stage1_ckpt "$OUT/stage1" \
   --stage2_ckpt "$OUT/stage2" --data_dir "$OUT/data" --split val --metrics bleu,meteor,rouge,cider \
   --out_jsonl "$OUT/eval/preds.jsonl" --regen --num_inference_steps 20 --guidance_scale 2.0 --batch_size 50
 
+timed "enhancer table (benchmarks.enhance_degrade)" $PY -m benchmarks.enhance_degrade --run "$OUT" \
+  > "$OUT/eval/enhance_degrade.md"
+
+echo
+cat "$OUT/eval/enhance_degrade.md"
 echo
 $PY -c "import common; print(common.machine_description())"
 echo "| toy stage | wall seconds |"

@@ -348,6 +348,7 @@ def test_scores_of_known_captions():
 class FakeVLV:
     """Stands in for load_vlv's model: names every image a small red circle on the left."""
     image_size = 32
+    info = dict(encoder_fingerprint="fake", stage2_ckpt="s2.pt")
 
     def __init__(self):
         self.captioned, self.regenerated = [], 0

@@ -136,10 +136,10 @@ def test_presets_parse_and_never_set_a_flag_that_cannot_be_unset(preset, tmp_pat
     argv = ["--preset", preset, "--data_dir", str(tmp_path), "--output_dir", str(tmp_path)]
     assert train_stage1.parse_args(argv).preset == preset
     assert train_stage2.parse_args(argv + ["--stage1_ckpt", "s1.pt"]).preset == preset
-    monkeypatch.setitem(common.PRESETS[preset], "stage1", {**common.PRESETS[preset].get("stage1", {}),
-                                                          "use_ema": True})
-    with pytest.raises(ValueError, match=f"preset '{preset}' sets --use_ema, a store_true flag"):
-        train_stage1.parse_args(argv)
+    monkeypatch.setitem(common.PRESETS[preset], "stage2", {**common.PRESETS[preset].get("stage2", {}),
+                                                          "lora": True, "finetune_lm": False})
+    with pytest.raises(ValueError, match=f"preset '{preset}' sets --lora, a store_true flag"):
+        train_stage2.parse_args(argv + ["--stage1_ckpt", "s1.pt"])
 
 
 def test_outputs_and_checkpoint_limit(images_dir, tiny_sd_dir, tmp_path):
