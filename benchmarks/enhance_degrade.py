@@ -89,8 +89,12 @@ def main(argv=None):
             cells.append("-" if share is None else f"{share:.2f}")
         table.append(cells)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    table.append(["mean of the corruptions", *[f"{mean([rows[k][n] for k in DEGRADATIONS]):.3f}" for n in enhancers],
-                  *[f"{mean(won[n]):.2f}" for n in won]])
+    means = {n: mean([rows[k][n] for k in DEGRADATIONS]) for n in enhancers}
+    pooled = {n: (means[n] - means["none"]) / (rows["clean"]["none"] - means["none"])
+              if rows["clean"]["none"] > means["none"] else float("nan") for n in won}
+    table.append(["mean of the corruptions (won back: mean of the rows' shares)",
+                  *[f"{means[n]:.3f}" for n in enhancers], *[f"{mean(won[n]):.2f}" for n in won]])
+    table.append(["won back of the mean loss", "", "", "", *[f"{pooled[n]:.2f}" for n in won]])
     print(common.machine_description())
     print(f"captions' seen all-right accuracy on {len(ids)} toy val images ({sum(not i['heldout'] for i in infos)} "
           f"seen), beam {args.num_beams}, flow {args.enhancer_steps} {args.enhancer_solver} steps")
@@ -99,7 +103,7 @@ def main(argv=None):
     per_image = {n: 1000 * sum(s) / (len(s) * len(ids)) for n, s in seconds.items()}
     print()
     print(common.markdown_table(["enhancer", "ms per image (encoder + enhancer + captioner)", "cost over captioning"],
-                                [[n, f"{ms:.2f}", "-" if n == "none" else f"+{ms / per_image['none'] - 1:.1%}"]
+                                [[n, f"{ms:.2f}", "-" if n == "none" else f"{ms / per_image['none'] - 1:+.1%}"]
                                  for n, ms in per_image.items()]))
     return rows
 
