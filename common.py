@@ -671,11 +671,13 @@ def load_encoder(stage1_ckpt, stage2_ckpt=None, device="cpu", dtype=torch.float3
     it (stage2_ckpt given). Refuses a stage-2 checkpoint trained on other stage-1 weights.
     Returns (encoder, sd, the stage-2 checkpoint or None, info): info holds both checkpoints' paths,
     the stage-1 fingerprint and encoder_fingerprint, that of the weights now in the encoder (what
-    anything trained on its z, a flow or a bridge, records and is checked against)."""
+    anything trained on its z, a flow or a bridge, records and is checked against), and stage 1's
+    image size."""
     stage1_ckpt = resolve_checkpoint(stage1_ckpt, "vision_encoder")
-    encoder, sd, _, stage1_fingerprint = load_stage1(stage1_ckpt, device, dtype)
+    encoder, sd, stage1_config, stage1_fingerprint = load_stage1(stage1_ckpt, device, dtype)
     info = dict(stage1_ckpt=os.path.abspath(stage1_ckpt), stage1_fingerprint=stage1_fingerprint,
-                stage2_ckpt=None, encoder_fingerprint=stage1_fingerprint)
+                stage2_ckpt=None, encoder_fingerprint=stage1_fingerprint,
+                stage1_image_size=stage1_config["image_size"])
     ckpt = None
     if stage2_ckpt is not None:
         stage2_ckpt = resolve_checkpoint(stage2_ckpt, "captioner")
@@ -698,8 +700,7 @@ def load_vlv(stage1_ckpt, stage2_ckpt=None, device="cpu"):
     from models.vlv import VLV
     encoder, sd, ckpt, info = load_encoder(stage1_ckpt, stage2_ckpt, device)
     if ckpt is None:
-        stage1 = load_checkpoint(info["stage1_ckpt"], "stage1")["config"]
-        vlv = VLV(encoder, sd, None, "cond", stage1["image_size"])
+        vlv = VLV(encoder, sd, None, "cond", info["stage1_image_size"])
     else:
         config = ckpt["config"]
         captioner = EmbToCaption.from_pretrained(**config["captioner"])

@@ -127,8 +127,12 @@ class Pairs:
         self.mode, self.noise_std, self.z_std = mode, noise_std, z_std
         self.f = {k: v.to(device) for k, v in feats.items() if k != "position"}
         self.num_images = self.f["z"].shape[0]
-        self.size = {"degrade": lambda: self.f["z_degraded"].shape[0] * self.num_images,
-                     "visual2text": lambda: self.f["text"].shape[0]}.get(mode, lambda: self.num_images)()
+        if mode == "degrade":  # every corrupted copy of every image
+            self.size = self.f["z_degraded"].shape[0] * self.num_images
+        elif mode == "visual2text":  # every caption
+            self.size = self.f["text"].shape[0]
+        else:
+            self.size = self.num_images
 
     def __call__(self, idx):
         f = self.f
@@ -184,8 +188,7 @@ def main(argv=None):
     device = accelerator.device
     encoder, sd, _, info = common.load_encoder(args.stage1_ckpt, args.stage2_ckpt, device)
     encoder.eval().requires_grad_(False)
-    stage1 = common.load_checkpoint(args.stage1_ckpt, "stage1")["config"]
-    image_size = args.image_size or stage1["image_size"]
+    image_size = args.image_size or info["stage1_image_size"]
 
     feats = split_features(args, encoder, sd, info, image_size, args.split, None, device)
     z_mean, z_std = stats(feats["z"])
