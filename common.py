@@ -51,6 +51,9 @@ PRESETS = {
         "stage2": dict(llm="checkpoints/toy/lm", batch_size=64, lr=1e-3, lr_warmup_steps=50, two_object_repeat=3,
                        caption_loss="posterior_ref", finetune_lm=True, finetune_encoder=True, max_steps=1400,
                        checkpointing_steps=700, validation_steps=700),
+        # The bridge's UNet at a tenth of the paper's size (widths 16/32/64): 0.4M parameters.
+        "bridge": dict(unet_dim=16, dim_mults="1,2,4", batch_size=64, lr=1e-3, lr_scheduler="cosine", lr_warmup_steps=100,
+                       max_steps=1500, checkpointing_steps=500, validation_steps=500, num_val_images=200),
         "flow": dict(width=64, depth=3, heads=4, batch_size=128, lr=1e-3, lr_warmup_steps=100, max_steps=1000,
                      checkpointing_steps=500, validation_steps=500, use_ema=True, ema_decay=0.999),
     },
@@ -93,6 +96,16 @@ def add_data_args(parser, data_help, image_size=None, image_size_help=None):
     g.add_argument("--karpathy_json", default=None, help="dataset_coco.json for the Karpathy split")
     g.add_argument("--subset_ratio", type=float, default=1.0)
     g.add_argument("--image_size", type=int, default=image_size, help=image_size_help)
+    return g
+
+
+def add_feature_data_args(parser):
+    """The data flags of a stage that trains on cached embeddings (a flow, the bridge): the
+    shared ones, the val pairs it reports on, the extraction batch. Returns the group."""
+    g = add_data_args(parser, "COCO 2017 root (annotations/, train2017/)", image_size_help="default: stage 1's image size")
+    g.add_argument("--val_split", default="val", help="pairs the run reports on; 'none': no report")
+    g.add_argument("--num_val_images", type=int, default=256)
+    g.add_argument("--feature_batch_size", type=int, default=256, help="images or captions per batch when extracting")
     return g
 
 
@@ -706,6 +719,8 @@ def load_vlv(stage1_ckpt, stage2_ckpt=None, device="cpu"):
         captioner = EmbToCaption.from_pretrained(**config["captioner"])
         captioner.load_trainable_state_dict(ckpt["model"]["captioner"])
         vlv = VLV(encoder, sd, captioner, config["prefix_source"], config["image_size"])
+        if config.get("text_space"):
+            vlv.text_space = dict(config["text_space"], mean=ckpt["model"].get("text_mean"))
     vlv.info = info
     return vlv.to(device).eval()
 
@@ -773,6 +788,33 @@ def embed_texts(sd, captions, batch_size=256, desc="embedding captions"):
                       for s in tqdm(range(0, len(captions), batch_size), desc=desc)])
 
 
+class IndexDataset(torch.utils.data.Dataset):
+    """Items {"index": i} for i < n: the loader of a stage that trains on features in memory."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"index": i}
+
+
+def text_encoder_fingerprint(sd):
+    """What the text side of a bridge (and a text-only captioner) depends on: the SD text encoder."""
+    return fingerprint(sd.text_encoder.state_dict())
+
+
+def caption_features(sd, dataset, path, settings, batch_size=256):
+    """T(caption) [M,L,D] of every caption of a COCO dataset (dataset.items, in order), cached in
+    safetensors file `path` (None: not cached) for these settings and the text encoder's weights."""
+    captions = [c for _, c in dataset.items]
+    settings = dict(settings, text_encoder=text_encoder_fingerprint(sd), num_captions=len(captions))
+    compute = lambda: {"text": embed_texts(sd, captions, batch_size)}  # noqa: E731
+    return (compute() if path is None else cached_features(path, settings, compute))["text"]
+
+
 def cached_features(path, settings, compute):
     """The tensors of safetensors file `path` if it was written for these settings (a JSON-able
     dict: what the features depend on), else compute() -> {name: tensor}, written atomically."""
@@ -797,19 +839,22 @@ def cached_features(path, settings, compute):
 # ---------------------------------------------------------------------------------------------
 # Enhancers (models/enhancers.py) from --enhancer
 
-ENHANCER_KINDS = ("flow", "flow_baseline")  # checkpoint kinds --enhancer reads
+ENHANCER_KINDS = ("flow", "flow_baseline", "bridge")  # checkpoint kinds --enhancer reads
 
 
 def add_enhancer_args(parser):
     g = parser.add_argument_group("feature enhancer (between the encoder and the captioner)")
     g.add_argument("--enhancer", default="none",
                    help="none; sd_refine (gradient steps on z against the frozen SD, no training); or a "
-                        "checkpoint: flow_{step}.pt or baseline.pt of train_flowmatching.py (its run "
-                        "folder: the newest flow)")
+                        "checkpoint: flow_{step}.pt or baseline.pt of train_flowmatching.py, bridge_{step}.pt "
+                        "of train_diffusion_bridge.py (a run folder: its newest)")
     g.add_argument("--enhancer_steps", type=int, default=8, help="ODE steps of a flow")
     g.add_argument("--enhancer_t0", type=float, default=0.0,
                    help="start the flow's ODE at this t in [0, 1): the input taken as x_t0")
     g.add_argument("--enhancer_solver", default="euler", choices=["euler", "midpoint", "heun"])
+    g.add_argument("--bridge_t0", type=int, default=600, help="a bridge takes the visual embedding as x_t at t0 - 1")
+    g.add_argument("--bridge_steps", type=int, default=5,
+                   help="a bridge's DDIM steps (UNet calls) to x0; 0: each side's mean shift alone (C3)")
     g.add_argument("--refine_steps", type=int, default=10, help="sd_refine: Adam steps on z")
     g.add_argument("--refine_lr", type=float, default=0.05, help="sd_refine: their learning rate")
     return g
@@ -818,7 +863,8 @@ def add_enhancer_args(parser):
 def output_settings(args, vlv, captions=True):
     """What a resumable output (captions, features) depends on: data.predictions.check_settings
     refuses to go on with a file made with other settings."""
-    keys = ["enhancer", "enhancer_steps", "enhancer_t0", "enhancer_solver", "refine_steps", "refine_lr"]
+    keys = ["enhancer", "enhancer_steps", "enhancer_t0", "enhancer_solver", "bridge_t0", "bridge_steps",
+            "refine_steps", "refine_lr"]
     if captions:
         keys += list(decoding_kwargs(args)) + ["seed"]
     return dict(encoder=vlv.info["encoder_fingerprint"], stage2=vlv.info["stage2_ckpt"],
@@ -826,41 +872,73 @@ def output_settings(args, vlv, captions=True):
 
 
 def read_enhancer_checkpoint(path):
-    """A flow or baseline checkpoint -> its dict; one line for anything else."""
+    """A flow, baseline or bridge checkpoint -> its dict; one line for anything else."""
+    hint = "pass a flow_{step}.pt or baseline.pt of train_flowmatching.py, or a bridge_{step}.pt of train_diffusion_bridge.py"
     if os.path.isdir(path):
-        path = resolve_checkpoint(path, "flow")
+        path = resolve_checkpoint(path, "bridge" if list_checkpoints(path, "bridge") else "flow")
     if not os.path.isfile(path):
-        die(f"--enhancer {path} does not exist; pass none, sd_refine, or a flow_{{step}}.pt / baseline.pt "
-            f"of train_flowmatching.py")
+        die(f"--enhancer {path} does not exist; pass none, sd_refine, or a checkpoint: {hint[5:]}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        die(f"--enhancer {path} is not a checkpoint this project can read ({type(e).__name__}); pass a "
-            f"flow_{{step}}.pt or baseline.pt of train_flowmatching.py")
+        die(f"--enhancer {path} is not a checkpoint this project can read ({type(e).__name__}); {hint}")
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if kind not in ENHANCER_KINDS:
-        die(f"--enhancer {path} is a {kind or 'foreign'} checkpoint, not an enhancer ({' or '.join(ENHANCER_KINDS)}); "
-            f"pass a flow_{{step}}.pt or baseline.pt of train_flowmatching.py")
+        die(f"--enhancer {path} is a {kind or 'foreign'} checkpoint, not an enhancer ({', '.join(ENHANCER_KINDS)}); "
+            f"{hint}")
     return path, ckpt
+
+
+def with_ema(module, ckpt):
+    """module with ckpt's weights, its EMA weights when the run kept them (diffusers' EMAModel:
+    shadow_params in the order of the trained parameters), in eval mode."""
+    module.load_state_dict(ckpt["model"])
+    if ckpt.get("ema"):
+        trained = [p for p in module.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p, shadow in zip(trained, ckpt["ema"]["shadow_params"]):
+                p.copy_(shadow)
+    return module.eval()
 
 
 def flow_of(ckpt):
     """The models.flow.Flow of a flow checkpoint, with its EMA weights when the run kept them."""
     from models.flow import Flow
-    flow = Flow.from_config(ckpt["config"])
-    flow.load_state_dict(ckpt["model"])
-    if ckpt.get("ema"):  # diffusers' EMAModel: shadow_params in the order of the trained parameters
-        with torch.no_grad():
-            for p, shadow in zip(flow.parameters(), ckpt["ema"]["shadow_params"]):
-                p.copy_(shadow)
-    return flow.eval()
+    return with_ema(Flow.from_config(ckpt["config"]), ckpt)
 
 
-def build_enhancer(ckpt, path, t0=0.0, steps=8, method="euler"):
-    """A flow or baseline checkpoint -> (enhancer module, its config), before any checks."""
-    from models.enhancers import FlowEnhancer, LinearEnhancer
+def bridge_of(ckpt):
+    """The models.bridge.Bridge of a bridge checkpoint (its means, the EMA weights)."""
+    from models.bridge import Bridge
+    return with_ema(Bridge.from_config(ckpt["config"]), ckpt)
+
+
+def check_bridge_flags(t0, steps, num_train_timesteps=1000):
+    if not 0 < t0 <= num_train_timesteps:
+        die(f"--bridge_t0 {t0}: must be in 1..{num_train_timesteps} (the DDPM's timesteps)")
+    if not 0 <= steps <= t0:
+        die(f"--bridge_steps {steps}: must be in 0..{t0} (0: each side's mean shift alone)")
+
+
+def check_bridge(config, path, encoder_fingerprint, text_encoder_fingerprint):
+    """One line if the bridge of `path` was built on another encoder (its visual mean) or another
+    SD text encoder (its text side)."""
+    if config["encoder_fingerprint"] != encoder_fingerprint:
+        trained = config["stage1_ckpt"] + (f" + {config['stage2_ckpt']}" if config.get("stage2_ckpt") else "")
+        die(f"{path} was built on the z of another encoder ({trained}); pass the checkpoints it was built "
+            f"with, or train a bridge on these (train_diffusion_bridge.py --stage1_ckpt ...)")
+    if config["text_encoder_fingerprint"] != text_encoder_fingerprint:
+        die(f"{path} was built on another SD text encoder than this model's; pass a bridge trained with this "
+            f"stage 1's Stable Diffusion")
+
+
+def build_enhancer(ckpt, path, t0=0.0, steps=8, method="euler", bridge_t0=600, bridge_steps=5):
+    """A flow, baseline or bridge checkpoint -> (enhancer module, its config), before any checks."""
+    from models.enhancers import BridgeEnhancer, FlowEnhancer, LinearEnhancer
     from models.flow import RidgeMap
     config = ckpt["config"]
+    if ckpt["kind"] == "bridge":
+        return BridgeEnhancer(bridge_of(ckpt), bridge_t0, bridge_steps), config
     if config["mode"] == "prior":
         die(f"--enhancer {path} is a prior (it draws z from noise), not an enhancer; pass a flow of "
             f"--mode denoise, degrade or visual2text")
@@ -873,9 +951,14 @@ def build_enhancer(ckpt, path, t0=0.0, steps=8, method="euler"):
 
 def load_enhancer(args, vlv):
     """--enhancer and its flags -> vlv.enhancer (None for none), checked against vlv: the encoder
-    its flow was trained on, the space the captioner reads, the widths."""
+    it was trained on, the space the captioner reads, the widths."""
     from models.enhancers import SDRefine
     spec = args.enhancer
+    centred = (vlv.text_space or {}).get("norm") == "center"
+    if spec in ("none", "sd_refine") and centred:
+        die(f"{vlv.info['stage2_ckpt']} was trained on centred text embeddings (train_stage2.py --text_only): "
+            f"pass --enhancer a bridge_{{step}}.pt of train_diffusion_bridge.py (--bridge_steps 0: the mean "
+            f"shift alone)")
     if spec == "none":
         vlv.enhancer = None
         return None
@@ -889,19 +972,37 @@ def load_enhancer(args, vlv):
     if args.enhancer_steps < 1:
         die(f"--enhancer_steps {args.enhancer_steps}: must be at least 1")
     path, ckpt = read_enhancer_checkpoint(spec)
-    check_enhancer(ckpt["config"], path, vlv)
-    enhancer, _ = build_enhancer(ckpt, path, args.enhancer_t0, args.enhancer_steps, args.enhancer_solver)
+    if ckpt["kind"] == "bridge":
+        check_bridge_flags(args.bridge_t0, args.bridge_steps, ckpt["config"]["bridge"]["num_train_timesteps"])
+    check_enhancer(ckpt, path, vlv)
+    enhancer, _ = build_enhancer(ckpt, path, args.enhancer_t0, args.enhancer_steps, args.enhancer_solver,
+                                 args.bridge_t0, args.bridge_steps)
     vlv.enhancer = enhancer.to(next(vlv.parameters()).device)
     return enhancer
 
 
-def check_enhancer(config, path, vlv):
+def check_enhancer(ckpt, path, vlv):
     """One line if the enhancer of `path` cannot serve vlv."""
+    config = ckpt["config"]
     expected = (vlv.sd.seq_len, vlv.sd.embed_dim)
-    found = (config["net"]["seq_len"], config["net"]["dim"])
+    shape = config["bridge"] if ckpt["kind"] == "bridge" else config["net"]
+    found = (shape["seq_len"], shape["dim"])
     if found != expected:
         die(f"--enhancer {path} works on [{found[0]}, {found[1]}] embeddings, this model's are "
             f"[{expected[0]}, {expected[1]}]; pass an enhancer trained on this model's encoder")
+    if ckpt["kind"] == "bridge":
+        space = vlv.text_space or {}
+        if space.get("norm") != "center":
+            die(f"--enhancer {path} is a bridge: it maps into the centred text space that a captioner trained "
+                f"by train_stage2.py --text_only reads, and {vlv.info['stage2_ckpt']} reads cond(z); pass such "
+                f"a captioner, or a flow for this one")
+        check_bridge(config, f"--enhancer {path}", vlv.info["encoder_fingerprint"], text_encoder_fingerprint(vlv.sd))
+        bridge = config["bridge"]
+        if (space["layout"], space["scale"]) != (bridge["layout"], bridge["scale"]) or not torch.allclose(
+                space["mean"], ckpt["model"]["text_mean"], atol=1e-4):
+            die(f"--enhancer {path} centres text with another mean, layout or scale than {vlv.info['stage2_ckpt']} "
+                f"was trained with; pass the bridge its --bridge_ckpt named, or one trained on the same captions")
+        return
     if config["encoder_fingerprint"] != vlv.info["encoder_fingerprint"]:
         trained = config["stage1_ckpt"] + (f" + {config['stage2_ckpt']}" if config.get("stage2_ckpt") else "")
         die(f"--enhancer {path} was trained on the z of another encoder ({trained}); pass the checkpoints "
@@ -910,6 +1011,9 @@ def check_enhancer(config, path, vlv):
     if config["space"] == "cond" and vlv.prefix_source != "cond":
         die(f"--enhancer {path} maps cond(z), but this captioner reads z itself (--prefix_source z); "
             f"pass a flow of --mode denoise or degrade")
+    if (vlv.text_space or {}).get("norm") == "center":
+        die(f"--enhancer {path} is a flow, but {vlv.info['stage2_ckpt']} reads centred text embeddings; pass a "
+            f"bridge_{{step}}.pt of train_diffusion_bridge.py")
 
 
 # ---------------------------------------------------------------------------------------------

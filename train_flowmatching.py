@@ -36,11 +36,7 @@ SPACE = {"denoise": "z", "degrade": "z", "visual2text": "cond", "prior": "z"}
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = common.add_data_args(p, "COCO 2017 root (annotations/, train2017/)",
-                             image_size_help="default: stage 1's image size")
-    g.add_argument("--val_split", default="val", help="pairs the run reports its error on; 'none': no report")
-    g.add_argument("--num_val_images", type=int, default=256)
-    g.add_argument("--feature_batch_size", type=int, default=256, help="images per batch when extracting")
+    common.add_feature_data_args(p)
     g = p.add_argument_group("pairs")
     g.add_argument("--mode", required=True, choices=MODES)
     g.add_argument("--stage1_ckpt", required=True,
@@ -146,17 +142,6 @@ class Pairs:
         return torch.randn(x1.shape, device=x1.device), x1  # prior
 
 
-class Indices(torch.utils.data.Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"index": i}
-
-
 def stats(x):
     """Per-element mean and std [L,D] of x [N,L,D] (std floored: constant elements stay finite)."""
     return x.mean(0), x.std(0).clamp(min=1e-6 * x.std().item() + 1e-12)
@@ -220,7 +205,7 @@ def main(argv=None):
     common.print_main(accelerator, f"{args.mode}: {pairs.size} training pairs of [{seq_len}, {dim}]; "
                                    f"flow {sum(p.numel() for p in flow.parameters()) / 1e6:.2f}M parameters")
 
-    loader = common.train_loader(Indices(pairs.size), args, accelerator)
+    loader = common.train_loader(common.IndexDataset(pairs.size), args, accelerator)
     optimizer, lr_scheduler, steps_per_epoch, max_steps = common.build_optimization(
         accelerator, args, flow.parameters(), loader)
     model, optimizer, lr_scheduler = accelerator.prepare(flow, optimizer, lr_scheduler)

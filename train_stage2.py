@@ -17,6 +17,7 @@ import torch
 import common
 import errors
 from data.coco import CocoImageCaptionDataset
+from models.bridge import Bridge, normalize
 from models.emb_to_caption import EmbToCaption, flatten_references
 from models.vision_to_textemb import VisionToTextEmb
 from models.vlv import VLV
@@ -55,6 +56,26 @@ def build_parser():
     g.add_argument("--two_object_repeat", type=int, default=1,
                    help="toy world: each caption of a two-object scene is seen this many times per "
                         "epoch (they are a third of the data and the hard part)")
+    g = p.add_argument_group("text-only (zero-shot) training: no image is read")
+    g.add_argument("--text_only", action="store_true",
+                   help="learn from T(caption), the SD text encoder's embedding of each training caption, "
+                        "alone: the captioner later reads images through an enhancer that closes the gap "
+                        "(a bridge for --text_norm center; a flow, a ridge map or none for --text_norm none). "
+                        "The encoder stays stage 1's; each caption is its own embedding's target "
+                        "(--caption_loss is for image runs)")
+    g.add_argument("--text_norm", default="center", choices=["center", "none"],
+                   help="center: scale * normalize(normalize(T) - mean of the training captions), the "
+                        "bridge's chain; none: T(caption) as it is")
+    g.add_argument("--text_noise_std", type=float, default=0.0,
+                   help="CapDec: Gaussian noise on each training embedding, as a multiple of its RMS "
+                        "element (the expected cos(text, noisy text) is 1 / sqrt(1 + s^2))")
+    g.add_argument("--bridge_ckpt", default=None,
+                   help="bridge_{step}.pt of train_diffusion_bridge.py (or its run folder): its text mean, "
+                        "layout and scale centre the captions (default: their own mean, the sequence layout, 5)")
+    g.add_argument("--bridge_aug_t0", type=int, default=0,
+                   help="the bridge paper's augmentation: train on text noised to t0 and denoised by "
+                        "--bridge_ckpt (the paper: 400); 0: off")
+    g.add_argument("--bridge_aug_steps", type=int, default=5, help="its DDIM steps")
     g = p.add_argument_group("sample captions")
     g.add_argument("--num_beams", type=int, default=3)
     g.add_argument("--max_new_tokens", type=int, default=30)
@@ -72,8 +93,62 @@ def parse_args(argv=None):
     if args.lora and args.finetune_lm:
         common.die("--lora and --finetune_lm both adapt the LM; pass one of them (--no-finetune_lm turns "
                    "off a preset's)")
+    if args.text_only:
+        if args.reinit_encoder or args.prefix_source == "z":
+            common.die("--text_only trains on T(caption), in the space of cond(z): drop --reinit_encoder and "
+                       "--prefix_source z")
+        args.finetune_encoder = False  # no image reaches it
+        if args.text_noise_std < 0:
+            common.die(f"--text_noise_std {args.text_noise_std}: must be 0 (off) or more")
+        if args.bridge_aug_t0:
+            if not args.bridge_ckpt or args.text_norm != "center":
+                common.die("--bridge_aug_t0 denoises the captions with a bridge: pass --bridge_ckpt, with "
+                           "--text_norm center")
+            common.check_bridge_flags(args.bridge_aug_t0, args.bridge_aug_steps)
+        if args.bridge_ckpt:
+            args.bridge_ckpt = common.resolve_checkpoint(args.bridge_ckpt, "bridge")
+    elif args.bridge_ckpt or args.text_noise_std or args.bridge_aug_t0:
+        common.die("--bridge_ckpt, --text_noise_std and --bridge_aug_t0 are for --text_only runs")
     args.stage1_ckpt = common.resolve_checkpoint(args.stage1_ckpt, "vision_encoder")
     return args
+
+
+def text_inputs(args, sd, dataset, stage1_fingerprint, device):
+    """The text-only run's training inputs: (inputs [M,L,D] per caption of dataset.items, text_space).
+    T(caption) is extracted once and cached in --output_dir/features.safetensors (so is the
+    bridge's augmentation)."""
+    from models.bridge import default_config, modality_mean
+    settings = dict(split=args.split, subset_ratio=args.subset_ratio, karpathy_json=args.karpathy_json,
+                    seed=args.seed)
+    text = common.caption_features(sd, dataset, os.path.join(args.output_dir, "features.safetensors"), settings,
+                                   args.batch_size * 4).to(device)
+    space = dict(norm=args.text_norm, noise_std=args.text_noise_std, bridge_ckpt=args.bridge_ckpt,
+                 bridge_aug_t0=args.bridge_aug_t0, bridge_aug_steps=args.bridge_aug_steps)
+    if args.text_norm == "none":
+        return text, dict(space, layout="sequence", scale=None, mean=None)
+    if args.bridge_ckpt:
+        ckpt = common.load_checkpoint(args.bridge_ckpt, "bridge")
+        common.check_bridge(ckpt["config"], f"--bridge_ckpt {args.bridge_ckpt}", stage1_fingerprint,
+                            common.text_encoder_fingerprint(sd))
+        bridge = common.bridge_of(ckpt).to(device)
+    else:
+        recipe = default_config(*text.shape[1:])
+        bridge = Bridge(recipe, modality_mean(text, recipe["layout"]))
+    space.update(layout=bridge.layout, scale=bridge.scale, mean=bridge.text_mean.cpu())
+    centred = bridge.centre(text, "text")
+    if args.bridge_aug_t0:  # once, seeded, cached: every caption's embedding through the bridge
+        def augment():
+            from tqdm.auto import tqdm
+            generator, out = torch.Generator().manual_seed(args.seed), []
+            for s in tqdm(range(0, len(centred), 256), desc="bridge augmentation"):
+                out.append(bridge.scale * bridge.augment(centred[s:s + 256], args.bridge_aug_t0,
+                                                         args.bridge_aug_steps, generator))
+            return {"augmented": torch.cat(out).cpu()}
+        centred = common.cached_features(
+            os.path.join(args.output_dir, "augmented.safetensors"),
+            dict(settings, bridge=common.fingerprint(ckpt["model"]), t0=args.bridge_aug_t0,
+                 steps=args.bridge_aug_steps, num_captions=len(centred)), augment)["augmented"].to(device)
+    return centred, space
 
 
 def main(argv=None):
@@ -95,23 +170,34 @@ def main(argv=None):
     dataset = CocoImageCaptionDataset(args.data_dir, split=args.split, image_size=image_size,
                                       subset_ratio=args.subset_ratio, karpathy_json=args.karpathy_json,
                                       seed=args.seed)
+    repeats = {}
     if args.two_object_repeat > 1:
         scenes = {i: info.get("scene") for i, info in dataset.images_info.items()}
         if None in scenes.values():
             common.die(f"--two_object_repeat {args.two_object_repeat}: the images of {args.data_dir} have "
                        f"no toy-world scene to count objects in; it is for the toy world, drop it for COCO")
-        dataset.repeat_images({i: args.two_object_repeat for i, scene in scenes.items()
-                               if len(scene["objects"]) == 2})
-    loader = common.train_loader(dataset, args, accelerator)
-    trainable = [p for p in vlv.parameters() if p.requires_grad]
+        repeats = {i: args.two_object_repeat for i, scene in scenes.items() if len(scene["objects"]) == 2}
+    text_space = None
+    if args.text_only:  # rows: the training items, each a caption of dataset.items (repeats included)
+        inputs, text_space = text_inputs(args, sd, dataset, stage1_fingerprint, accelerator.device)
+        rows = torch.tensor([k for k, (image_id, _) in enumerate(dataset.items)
+                             for _ in range(repeats.get(image_id, 1))], device=accelerator.device)
+        loader = common.train_loader(common.IndexDataset(len(rows)), args, accelerator)
+        trained = captioner
+    else:
+        dataset.repeat_images(repeats)
+        loader = common.train_loader(dataset, args, accelerator)
+        trained = vlv
     optimizer, lr_scheduler, steps_per_epoch, max_steps = common.build_optimization(
-        accelerator, args, trainable, loader)
-    model, optimizer, lr_scheduler = accelerator.prepare(vlv, optimizer, lr_scheduler)
+        accelerator, args, [p for p in trained.parameters() if p.requires_grad], loader)
+    model, optimizer, lr_scheduler = accelerator.prepare(trained, optimizer, lr_scheduler)
 
     def model_state():
         state = {"captioner": captioner.trainable_state_dict()}
         if args.finetune_encoder:
             state["encoder"] = encoder.state_dict()
+        if text_space and text_space["mean"] is not None:  # what a bridge at inference is checked against
+            state["text_mean"] = text_space["mean"]
         return state
 
     def load_model_state(state):
@@ -123,7 +209,8 @@ def main(argv=None):
     config = dict(captioner=captioner.config, prefix_source=args.prefix_source, image_size=image_size,
                   stage1=stage1_config, stage1_ckpt=os.path.abspath(args.stage1_ckpt),
                   stage1_fingerprint=stage1_fingerprint, finetune_encoder=args.finetune_encoder,
-                  reinit_encoder=args.reinit_encoder)
+                  reinit_encoder=args.reinit_encoder,
+                  text_space={k: v for k, v in text_space.items() if k != "mean"} if text_space else None)
     if accelerator.is_main_process:
         common.save_json(os.path.join(args.output_dir, "config.json"), config)
         captioner.tokenizer.save_pretrained(args.output_dir)
@@ -133,19 +220,45 @@ def main(argv=None):
         prefix=CKPT_PREFIX, config=config, model_state=model_state, load_model_state=load_model_state)
     common.resume(trainer, args)
 
+    device = accelerator.device
+
+    def text_prefix(idx):
+        """The captioner's inputs [B,L,D] for feature rows idx (noised when --text_noise_std)."""
+        x = inputs[idx]
+        if args.text_noise_std:
+            rms = x.flatten(1).norm(dim=1).view(-1, 1, 1) / x[0].numel() ** 0.5
+            x = x + args.text_noise_std * rms * torch.randn(x.shape, device=device)
+        if text_space["scale"]:  # the norm the bridge hands the captioner at inference
+            x = text_space["scale"] * normalize(x, text_space["layout"])
+        return x
+
     def compute_loss(batch):  # through DDP, so gradients sync
+        if args.text_only:
+            idx = rows[batch["index"].to(device)]
+            return model(text_prefix(idx), [dataset.items[i][1] for i in idx.tolist()])
         if args.caption_loss == "sampled":
             return model(batch["pixel_values"], batch["caption"])
         captions, groups = flatten_references([dataset.captions_by_image[int(i)] for i in batch["image_id"]])
         return model(batch["pixel_values"], captions, groups,
                      pick="best" if args.caption_loss == "best_ref" else "sample")
 
-    val_items = common.validation_items(dataset, args.num_validation_images)
-    val_images = torch.stack([x["pixel_values"] for x in val_items]).to(accelerator.device)
+    if args.text_only:  # no image is read: the samples are captions of training captions' own embeddings
+        firsts = list({image_id: k for k, (image_id, _) in reversed(list(enumerate(dataset.items)))}.values())
+        val_rows = torch.tensor(sorted(firsts)[:args.num_validation_images], device=device)
+        val_refs = [dataset.items[i][1] for i in val_rows.tolist()]
+        sample = lambda: captioner.generate(text_prefix(val_rows), num_beams=args.num_beams,  # noqa: E731
+                                            max_new_tokens=args.max_new_tokens)
+    else:
+        val_items = common.validation_items(dataset, args.num_validation_images)
+        val_images = torch.stack([x["pixel_values"] for x in val_items]).to(device)
+        val_refs = [x["caption"] for x in val_items]
+        sample = lambda: vlv.caption(val_images, num_beams=args.num_beams,  # noqa: E731
+                                     max_new_tokens=args.max_new_tokens)
 
     def validate(step):
-        captions = vlv.caption(val_images, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-        lines = [f"step {step}:"] + [f"  {c!r}  (ref: {x['caption']!r})" for c, x in zip(captions, val_items)]
+        with torch.random.fork_rng(devices=[]):  # the noise of text_prefix: not drawn from the training RNG
+            captions = sample()
+        lines = [f"step {step}:"] + [f"  {c!r}  (ref: {r!r})" for c, r in zip(captions, val_refs)]
         print("\n".join(lines), flush=True)
 
     trainer.train(compute_loss, validate, args.validation_steps, desc="stage2")

@@ -58,7 +58,7 @@ def main(argv=None):
     enhancers = {}
     for name, spec in (("none", "none"), ("ridge", os.path.join(flow_dir, "baseline.pt")), ("flow", flow_dir)):
         flags = argparse.Namespace(enhancer=spec, enhancer_steps=args.enhancer_steps, enhancer_t0=0.0,
-                                   enhancer_solver=args.enhancer_solver)
+                                   enhancer_solver=args.enhancer_solver, bridge_t0=600, bridge_steps=5)
         enhancers[name] = common.load_enhancer(flags, vlv)
     decoding = dict(num_beams=args.num_beams)
 

@@ -31,6 +31,21 @@ class LinearEnhancer(nn.Module):
         return self.ridge(x).to(x.dtype)
 
 
+class BridgeEnhancer(nn.Module):
+    """A trained diffusion bridge (models.bridge.Bridge): cond(z) -> the text side's centred space,
+    at the norm the text-only captioner was trained on (the bridge's scale)."""
+
+    space = "cond"
+
+    def __init__(self, bridge, t0=600, steps=5):
+        super().__init__()
+        self.bridge, self.t0, self.steps = bridge, t0, steps
+
+    @torch.no_grad()
+    def forward(self, x, images=None):
+        return (self.bridge.scale * self.bridge.bridge(x, self.t0, self.steps)).to(x.dtype)
+
+
 class SDRefine(nn.Module):
     """No training: `steps` Adam steps on z that lower the frozen teacher's denoising loss on the
     image's own latents (the seed's enhance_features_diffusion.py). Each step draws its noise and

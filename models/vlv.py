@@ -18,6 +18,9 @@ class VLV(nn.Module):
         self.encoder, self.sd, self.captioner = encoder, sd, captioner
         self.prefix_source, self.image_size = prefix_source, image_size
         self.enhancer = enhancer  # models.enhancers: applied at inference, in its space ("z" or "cond")
+        # A captioner trained on text alone: {"norm": "center" | "none", "layout", "scale", "mean"}
+        # (train_stage2.py --text_only); None for one trained on images.
+        self.text_space = None
 
     def embed(self, images):
         """images [B,3,S,S] in [0,1] -> (z, cond(z)) [B,L,D] each, through the enhancer if any."""

@@ -16,14 +16,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, diffusers, 
   .venv/bin/pip install -q -r requirements.txt
 fi
 PY=.venv/bin/python
-TIMES=()
-timed() {  # timed NAME command...: run it, remember its wall time
-  local name=$1; shift
-  local start=$SECONDS
-  echo "== $name" >&2
-  "$@"
-  TIMES+=("| $name | $((SECONDS - start)) |")
-}
+source scripts/timed.sh
 
 [ -f "$OUT/data/annotations/captions_val2017.json" ] || \
   timed "toy world" $PY -m data.toy_world --output_dir "$OUT/data"

@@ -203,3 +203,33 @@ def save_tiny_llama(out_dir, seed=0):
     lm.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory, tiny_sd_dir):
+    """A tiny toy world, two stage-1 runs on the tiny SD (seeds 0 and 1), stage 2 (fine-tuning the
+    encoder) on a tiny GPT-2: what the enhancer tests (flows, the bridge) train on."""
+    import train_stage1
+    import train_stage2
+    from data import toy_world
+    root = tmp_path_factory.mktemp("world")
+    data = str(root / "data")
+    toy_world.generate(data, num_train=24, num_val=6, seed=0)
+    common_args = dict(data_dir=data, num_workers=0, validation_steps=0, num_validation_images=1)
+    stage1 = str(root / "stage1")
+    reset_accelerator_state()
+    train_stage1.main(argv_of(sd_model_id=tiny_sd_dir, output_dir=stage1, image_size=16, backbone="toy",
+                              backbone_weights="none", encoder_width=32, encoder_layers=1, batch_size=4,
+                              max_steps=2, num_inference_steps=1, **common_args))
+    other1 = str(root / "stage1_other")
+    reset_accelerator_state()
+    train_stage1.main(argv_of(sd_model_id=tiny_sd_dir, output_dir=other1, image_size=16, backbone="toy",
+                              backbone_weights="none", encoder_width=32, encoder_layers=1, batch_size=4,
+                              max_steps=2, num_inference_steps=1, seed=1, **common_args))
+    gpt2 = save_tiny_gpt2(root / "gpt2")
+    stage2 = str(root / "stage2")
+    reset_accelerator_state()
+    train_stage2.main(argv_of(stage1_ckpt=stage1, llm=gpt2, output_dir=stage2,
+                              batch_size=4, lr=1e-3, lr_warmup_steps=1, max_steps=2, max_new_tokens=6,
+                              finetune_encoder=True, **common_args))
+    return dict(root=root, data=data, stage1=stage1, other1=other1, stage2=stage2, gpt2=gpt2)

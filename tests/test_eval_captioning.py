@@ -349,6 +349,7 @@ class FakeVLV:
     """Stands in for load_vlv's model: names every image a small red circle on the left."""
     image_size = 32
     info = dict(encoder_fingerprint="fake", stage2_ckpt="s2.pt")
+    text_space = None  # trained on images
 
     def __init__(self):
         self.captioned, self.regenerated = [], 0

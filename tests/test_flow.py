@@ -11,10 +11,7 @@ import common
 import eval_captioning
 import infer
 import train_flowmatching
-import train_stage1
-import train_stage2
-from conftest import argv_of, needs_java, reset_accelerator_state, save_tiny_gpt2
-from data import toy_world
+from conftest import argv_of, needs_java, reset_accelerator_state
 from data.degrade import DEGRADATIONS, degrade, random_degrade
 from data.predictions import read_features
 from errors import BadInput
@@ -107,28 +104,8 @@ def test_degradations_are_seeded_and_change_the_image(kind):
 # The scripts on a tiny world
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_sd_dir):
-    """A tiny toy world, stage 1 on the tiny SD, stage 2 (fine-tuning the encoder) on a tiny GPT-2."""
-    root = tmp_path_factory.mktemp("flow")
-    data = str(root / "data")
-    toy_world.generate(data, num_train=24, num_val=6, seed=0)
-    common_args = dict(data_dir=data, num_workers=0, validation_steps=0, num_validation_images=1)
-    stage1 = str(root / "stage1")
-    reset_accelerator_state()
-    train_stage1.main(argv_of(sd_model_id=tiny_sd_dir, output_dir=stage1, image_size=16, backbone="toy",
-                              backbone_weights="none", encoder_width=32, encoder_layers=1, batch_size=4,
-                              max_steps=2, num_inference_steps=1, **common_args))
-    other1 = str(root / "stage1_other")
-    reset_accelerator_state()
-    train_stage1.main(argv_of(sd_model_id=tiny_sd_dir, output_dir=other1, image_size=16, backbone="toy",
-                              backbone_weights="none", encoder_width=32, encoder_layers=1, batch_size=4,
-                              max_steps=2, num_inference_steps=1, seed=1, **common_args))
-    stage2 = str(root / "stage2")
-    reset_accelerator_state()
-    train_stage2.main(argv_of(stage1_ckpt=stage1, llm=save_tiny_gpt2(root / "gpt2"), output_dir=stage2,
-                              batch_size=4, lr=1e-3, lr_warmup_steps=1, max_steps=2, max_new_tokens=6,
-                              finetune_encoder=True, **common_args))
-    return dict(root=root, data=data, stage1=stage1, other1=other1, stage2=stage2)
+def world(tiny_world):
+    return tiny_world
 
 
 def flow_argv(world, out, mode, **overrides):
