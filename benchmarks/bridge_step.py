@@ -79,9 +79,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--shapes", default="toy,paper", help="which of toy, paper (comma-separated)")
     args = p.parse_args(argv)
     rows, speed = [], []
     for name, (seq_len, dim, unet_dim, mults) in SHAPES.items():
+        if name.split()[0] not in args.shapes.split(","):
+            continue
         data = torch.nn.functional.normalize(torch.randn(2048, seq_len * dim), dim=1).view(2048, seq_len, dim) * 5
         a = ours(seq_len, dim, unet_dim, mults, data, args.steps, args.batch_size)
         b = theirs(seq_len, dim, unet_dim, mults, data, args.steps, args.batch_size)
@@ -97,6 +100,7 @@ def main(argv=None):
     print(f"bridge inference, batch {args.batch_size}")
     print(common.markdown_table(["embeddings", "5 DDIM steps from t0 600: ms/embedding",
                                  "600 steps (the seed's reading): ms/embedding", "5 steps is faster by"], speed))
+    return rows, speed
 
 
 if __name__ == "__main__":

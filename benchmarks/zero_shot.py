@@ -26,19 +26,19 @@ import common
 import errors
 from data.coco import CocoImageCaptionDataset, image_transform, load_rgb
 
-# (row, captioner: RUN/zero_shot/<name> or RUN/stage2, enhancer, the bridge's steps)
-ROWS = [
-    ("none", "text_raw", "none", None),
-    ("mean shift (C3)", "text_centre", "bridge", 0),
-    ("noise injection (CapDec)", "text_raw_noise", "none", None),
-    ("mean shift + noise (C3)", "text_centre_noise", "bridge", 0),
-    ("ridge map (paired train data)", "text_raw", "ridge", None),
-    ("flow visual2text (8 Euler steps)", "text_raw", "flow", None),
-    ("bridge, captioner without its augmentation", "text_centre", "bridge", 5),
-    ("bridge (t0 600, 5 DDIM steps)", "text_bridge", "bridge", 5),
-    ("bridge, 600 steps (the seed's reading)", "text_bridge", "bridge", 600),
-    ("paired stage-2 captioner (the limit)", "stage2", "none", None),
-]
+# key: (row, captioner: RUN/zero_shot/<name> or RUN/stage2, enhancer, the bridge's steps)
+ROWS = {
+    "none": ("none", "text_raw", "none", None),
+    "c3": ("mean shift (C3)", "text_centre", "bridge", 0),
+    "capdec": ("noise injection (CapDec)", "text_raw_noise", "none", None),
+    "c3_noise": ("mean shift + noise (C3)", "text_centre_noise", "bridge", 0),
+    "ridge": ("ridge map (paired train data)", "text_raw", "ridge", None),
+    "flow": ("flow visual2text (8 Euler steps)", "text_raw", "flow", None),
+    "bridge_noaug": ("bridge, captioner without its augmentation", "text_centre", "bridge", 5),
+    "bridge": ("bridge (t0 600, 5 DDIM steps)", "text_bridge", "bridge", 5),
+    "bridge_600": ("bridge, 600 steps (the seed's reading)", "text_bridge", "bridge", 600),
+    "paired": ("paired stage-2 captioner (the limit)", "stage2", "none", None),
+}
 
 
 def parse_args(argv=None):
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=None, help="first N val images (default: all)")
     p.add_argument("--batch_size", type=int, default=100)
     p.add_argument("--num_beams", type=int, default=3)
-    p.add_argument("--rows", default=None, help="only the rows whose name contains one of these (comma-separated)")
+    p.add_argument("--rows", default=",".join(ROWS), help="the rows, by key (comma-separated)")
     p.add_argument("--noise_std", choices=["raw", "center"], default=None,
                    help="print CapDec's --text_noise_std for this text space and exit: s with "
                         "1 / sqrt(1 + s^2) = the mean cos(visual, text) of the bridge's paired train features")
@@ -79,7 +79,10 @@ def main(argv=None):
         print(f"{noise_std(args.run, args.noise_std):.4f}")
         return None
     path = lambda *p: os.path.join(args.run, *p)  # noqa: E731
-    rows = [r for r in ROWS if not args.rows or any(k in r[0] for k in args.rows.split(","))]
+    unknown = set(args.rows.split(",")) - set(ROWS)
+    if unknown:
+        common.die(f"--rows {','.join(sorted(unknown))}: unknown; the rows are {', '.join(ROWS)}")
+    rows = [ROWS[k] for k in args.rows.split(",")]
     for _, captioner, enhancer, _ in rows:
         folder = path("stage2") if captioner == "stage2" else path("zero_shot", captioner)
         if not os.path.isdir(folder):

@@ -14,6 +14,7 @@ from benchmarks import (decoding_speed, heldout_probe, reference_scoring, stage1
                         stage2_step, teacher_guidance, teacher_step, timing, z_carries)
 from conftest import argv_of, reset_accelerator_state, save_tiny_gpt2
 from data import toy_world
+from errors import BadInput
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +243,47 @@ def test_prior_samples(flows, capsys):
     assert_machine_line(out)
     assert [r[0] for r in rows] == ["flow prior", "Gaussian (mean, covariance)", "real z of val images"]
     assert all(r[1] == 3 and 0 <= float(r[2]) <= 1 for r in rows)
+
+
+def test_bridge_step(capsys):
+    from benchmarks import bridge_step
+    rows, speed = bridge_step.main(argv_of(steps=1, batch_size=2, shapes="toy"))
+    out = capsys.readouterr().out
+    assert_machine_line(out)
+    train, inference = tables(out)
+    assert train[0][1:] == ["ours ms/step", "GaussianDiffusion1D + Trainer1D ms/step", "ours is faster by"]
+    assert [r[0] for r in rows] == [r[0] for r in speed] == ["toy [16, 64]"]
+    assert float(speed[0][3].rstrip("x")) > 1  # 600 UNet calls cost more than 5
+
+
+def test_zero_shot(run, capsys):
+    import train_diffusion_bridge
+    import train_flowmatching
+    from benchmarks import zero_shot
+    root = run["root"]
+    common_args = dict(stage1_ckpt=run["stage1"], data_dir=run["data"], batch_size=4, lr_warmup_steps=1, max_steps=2,
+                       validation_steps=0, mixed_precision="no")
+    reset_accelerator_state()
+    train_diffusion_bridge.main(argv_of(output_dir=os.path.join(root, "bridge"), unet_dim=8, dim_mults="1,2",
+                                        feature_batch_size=8, val_split="none", **common_args))
+    reset_accelerator_state()
+    train_flowmatching.main(argv_of(output_dir=os.path.join(root, "flow_v2t"), mode="visual2text", width=16, depth=1,
+                                    heads=2, feature_batch_size=8, **common_args))
+    for name, flags in (("text_raw", dict(text_norm="none")), ("text_centre", dict(bridge_ckpt=os.path.join(root, "bridge"))),
+                        ("text_bridge", dict(bridge_ckpt=os.path.join(root, "bridge"), bridge_aug_t0=400,
+                                             bridge_aug_steps=1))):
+        reset_accelerator_state()
+        train_stage2.main(argv_of(text_only=True, llm=run["lm"], output_dir=os.path.join(root, "zero_shot", name),
+                                  num_validation_images=1, max_new_tokens=8, num_workers=0, **flags, **common_args))
+    capsys.readouterr()
+    zero_shot.main(["--run", root, "--noise_std", "center"])
+    assert 0 < float(capsys.readouterr().out) < float("inf")  # the std whose cos matches the measured gap
+    results = zero_shot.main(argv_of(run=root, num_samples=4, num_beams=1,
+                                     rows="none,c3,ridge,flow,bridge,paired"))
+    out = capsys.readouterr().out
+    assert_machine_line(out)
+    table = tables(out)[0]
+    assert table[0][0] == "way of closing the gap" and len(table) == 1 + len(results) == 1 + 6
+    assert all(-1 <= r["cos"] <= 1 and 0 <= r["seen"] <= 1 for r in results)
+    with pytest.raises(BadInput, match="run scripts/zero_shot.sh first"):
+        zero_shot.main(argv_of(run=root, rows="capdec"))
