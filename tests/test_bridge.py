@@ -255,3 +255,20 @@ def test_eval_captioning_with_the_bridge(tiny_world, bridge_run, text_captioner,
                                           max_new_tokens=6, num_sheet_images=0, enhancer=bridge_run,
                                           out_jsonl=str(tmp_path / "bridge.jsonl")))
     assert scores["num_images"] == 4
+
+
+def test_text_only_resumed_run_equals_uninterrupted(tiny_world, tmp_path):
+    runs = {}
+    for name in ("full", "resumed"):
+        out = str(tmp_path / name)
+        argv = text_only_argv(tiny_world, out, text_noise_std=0.5, max_steps=4, checkpointing_steps=2,
+                              checkpoints_total_limit=0)
+        if name == "resumed":
+            os.makedirs(out)
+            os.link(os.path.join(runs["full"], "captioner_2.pt"), os.path.join(out, "captioner_2.pt"))
+            argv += ["--resume_from", "latest"]
+        reset_accelerator_state()
+        train_stage2.main(argv)
+        runs[name] = out
+    ckpts = [common.load_checkpoint(os.path.join(runs[n], "captioner_4.pt"), "stage2") for n in runs]
+    assert common.fingerprint(ckpts[0]["model"]["captioner"]) == common.fingerprint(ckpts[1]["model"]["captioner"])
