@@ -23,7 +23,8 @@ CENTRE_STD=$($PY -m benchmarks.zero_shot --run "$OUT" --noise_std center)
 text_only() {  # text_only NAME flags...: a captioner trained on captions alone
   local name=$1; shift
   timed "text-only captioner: $name" $PY train_stage2.py --preset toy --text_only --data_dir "$OUT/data" \
-    --stage1_ckpt "$OUT/stage1" --output_dir "$OUT/zero_shot/$name" --resume_from latest "${PRECISION[@]}" "$@"
+    --llm "$OUT/lm" --stage1_ckpt "$OUT/stage1" --output_dir "$OUT/zero_shot/$name" --resume_from latest \
+    "${PRECISION[@]}" "$@"
 }
 text_only text_raw --text_norm none
 text_only text_raw_noise --text_norm none --text_noise_std "$RAW_STD"
