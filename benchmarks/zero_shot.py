@@ -35,8 +35,8 @@ ROWS = {
     "ridge": ("ridge map (paired train data)", "text_raw", "ridge", None),
     "flow": ("flow visual2text (8 Euler steps)", "text_raw", "flow", None),
     "bridge_noaug": ("bridge, captioner without its augmentation", "text_centre", "bridge", 5),
-    "bridge": ("bridge (t0 600, 5 DDIM steps)", "text_bridge", "bridge", 5),
-    "bridge_600": ("bridge, 600 steps (the seed's reading)", "text_bridge", "bridge", 600),
+    "bridge": ("bridge (t0 {t0}, 5 DDIM steps)", "text_bridge", "bridge", 5),
+    "bridge_600": ("bridge, {t0} steps from t0 {t0} (the seed's reading)", "text_bridge", "bridge", "t0"),
     "paired": ("paired stage-2 captioner (the limit)", "stage2", "none", None),
 }
 
@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=None, help="first N val images (default: all)")
     p.add_argument("--batch_size", type=int, default=100)
     p.add_argument("--num_beams", type=int, default=3)
+    p.add_argument("--bridge_t0", type=int, default=600, help="the bridge rows' t0 (the paper: 600)")
     p.add_argument("--rows", default=",".join(ROWS), help="the rows, by key (comma-separated)")
     p.add_argument("--noise_std", choices=["raw", "center"], default=None,
                    help="print CapDec's --text_noise_std for this text space and exit: s with "
@@ -82,8 +83,8 @@ def main(argv=None):
     unknown = set(args.rows.split(",")) - set(ROWS)
     if unknown:
         common.die(f"--rows {','.join(sorted(unknown))}: unknown; the rows are {', '.join(ROWS)}")
-    rows = [ROWS[k] for k in args.rows.split(",")]
-    for _, captioner, enhancer, _ in rows:
+    rows = [(k, *ROWS[k]) for k in args.rows.split(",")]
+    for _, _, captioner, enhancer, _ in rows:
         folder = path("stage2") if captioner == "stage2" else path("zero_shot", captioner)
         if not os.path.isdir(folder):
             common.die(f"no captioner at {folder}; run scripts/zero_shot.sh first (OUT={args.run})")
@@ -92,7 +93,8 @@ def main(argv=None):
     ids = dataset.image_ids[:args.num_samples]
     refs = {i: dataset.captions_by_image[i] for i in ids}
     vlvs, results = {}, []
-    for name, captioner, enhancer, steps in rows:
+    for key, name, captioner, enhancer, steps in rows:
+        name, steps = name.format(t0=args.bridge_t0), args.bridge_t0 if steps == "t0" else steps
         stage2 = path("stage2") if captioner == "stage2" else path("zero_shot", captioner)
         if stage2 not in vlvs:
             vlvs[stage2] = common.load_vlv(path("stage1"), stage2)
@@ -100,7 +102,7 @@ def main(argv=None):
         spec = {"none": "none", "bridge": path("bridge"), "ridge": path("flow_v2t", "baseline.pt"),
                 "flow": path("flow_v2t")}[enhancer]
         flags = argparse.Namespace(enhancer=spec, enhancer_steps=8, enhancer_t0=0.0, enhancer_solver="euler",
-                                   bridge_t0=600, bridge_steps=steps or 0)
+                                   bridge_t0=args.bridge_t0, bridge_steps=steps or 0)
         common.load_enhancer(flags, vlv)
         transform = image_transform(vlv.image_size)
         texts = common.embed_texts(vlv.sd, [c for i in ids for c in refs[i]])  # [M,L,D] raw T(caption)
@@ -121,7 +123,7 @@ def main(argv=None):
             cos.append(cosine(prefix[image_of[rows_here] - s], texts[rows_here]))
         groups = attribute_accuracy(preds, dataset.images_info)
         scores = score_captions(preds, refs, ["bleu", "cider"])
-        result = dict(name=name, seen=groups["seen"]["all"]["accuracy"],
+        result = dict(key=key, name=name, seen=groups["seen"]["all"]["accuracy"],
                       heldout=groups.get("heldout", {}).get("all", {}).get("accuracy", float("nan")),
                       bleu4=scores["BLEU-4"], cider=scores["CIDEr-D"], cos=torch.cat(cos).mean().item(),
                       ms=1000 * seconds / len(ids))
@@ -137,10 +139,10 @@ def main(argv=None):
          "cos to paired text", "ms/image"],
         [[r["name"], f"{r['seen']:.3f}", f"{r['heldout']:.3f}", f"{r['bleu4']:.3f}", f"{r['cider']:.3f}",
           f"{r['cos']:.3f}", f"{r['ms']:.2f}"] for r in results]))
-    by = {r["name"]: r for r in results}
-    bridge, paired = by.get("bridge (t0 600, 5 DDIM steps)"), by.get("paired stage-2 captioner (the limit)")
+    by = {r["key"]: r for r in results}
+    bridge, paired = by.get("bridge"), by.get("paired")
     if bridge and paired:
-        others = [r for r in results if r is not bridge and r is not paired and not r["name"].startswith("bridge")]
+        others = [r for r in results if not r["key"].startswith(("bridge", "paired"))]
         beaten = [r["name"] for r in others if r["seen"] >= bridge["seen"]]
         print(f"\ngoal: the bridge beats every row but the paired limit on seen all-right: "
               f"{'yes' if not beaten else 'no, not ' + '; '.join(beaten)}; "
