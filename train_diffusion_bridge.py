@@ -122,9 +122,9 @@ def cosine(a, b):
 def paired_report(bridge, val, t0, steps):
     """Mean cos(visual, its captions' text) in the centred text space: before (each side centred
     by its own mean), after the bridge."""
-    visual, text = val["cond"][val["text_image"]], bridge.centre(val["text"], "text")
-    before = cosine(bridge.bridge(visual, t0, 0), text).mean().item()
-    after = cosine(bridge.bridge(visual, t0, steps), text).mean().item()
+    rows, text = val["text_image"], bridge.centre(val["text"], "text")  # each image bridged once
+    before = cosine(bridge.bridge(val["cond"], t0, 0)[rows], text).mean().item()
+    after = cosine(bridge.bridge(val["cond"], t0, steps)[rows], text).mean().item()
     return before, after
 
 

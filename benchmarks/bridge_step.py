@@ -8,7 +8,7 @@ steps, their DataLoader with num_workers = cpu_count()). Shapes: the toy preset'
 embeddings (sequence layout, Unet1D dim 16, mults 1,2,4) and the paper's CLIP vectors [1, 512]
 (dim 32, mults 1,2,4,8, the widths of the paper's vendored copy). Goal: ours >= 1.0x theirs.
 
-    python -m benchmarks.bridge_step [--steps 20]
+    python -m benchmarks.bridge_step [--steps 20 --inference_batch_size 8]
 """
 import argparse
 import sys
@@ -79,6 +79,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--inference_batch_size", type=int, default=8)
     p.add_argument("--shapes", default="toy,paper", help="which of toy, paper (comma-separated)")
     args = p.parse_args(argv)
     rows, speed = [], []
@@ -89,7 +90,7 @@ def main(argv=None):
         a = ours(seq_len, dim, unet_dim, mults, data, args.steps, args.batch_size)
         b = theirs(seq_len, dim, unet_dim, mults, data, args.steps, args.batch_size)
         rows.append([name, f"{1000 * a:.1f}", f"{1000 * b:.1f}", f"{b / a:.2f}x"])
-        t = inference(seq_len, dim, unet_dim, mults, data, args.batch_size)
+        t = inference(seq_len, dim, unet_dim, mults, data, args.inference_batch_size)
         speed.append([name, f"{1000 * t[5]:.2f}", f"{1000 * t[600]:.2f}", f"{t[600] / t[5]:.0f}x"])
         print(f"{name}: done", file=sys.stderr, flush=True)
     print(common.machine_description())
@@ -97,7 +98,7 @@ def main(argv=None):
     print(common.markdown_table(["embeddings", "ours ms/step", "GaussianDiffusion1D + Trainer1D ms/step",
                                  "ours is faster by"], rows))
     print()
-    print(f"bridge inference, batch {args.batch_size}")
+    print(f"bridge inference, batch {args.inference_batch_size}")
     print(common.markdown_table(["embeddings", "5 DDIM steps from t0 600: ms/embedding",
                                  "600 steps (the seed's reading): ms/embedding", "5 steps is faster by"], speed))
     return rows, speed

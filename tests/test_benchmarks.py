@@ -247,7 +247,7 @@ def test_prior_samples(flows, capsys):
 
 def test_bridge_step(capsys):
     from benchmarks import bridge_step
-    rows, speed = bridge_step.main(argv_of(steps=1, batch_size=2, shapes="toy"))
+    rows, speed = bridge_step.main(argv_of(steps=1, batch_size=2, inference_batch_size=2, shapes="toy"))
     out = capsys.readouterr().out
     assert_machine_line(out)
     train, inference = tables(out)
