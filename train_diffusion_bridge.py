@@ -226,13 +226,14 @@ def visualize(args):
     config = ckpt["config"]
     stage1 = args.stage1_ckpt or config["stage1_ckpt"]
     stage2 = args.stage2_ckpt or config["stage2_ckpt"]
-    encoder, sd, _, info = common.load_encoder(stage1, stage2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the embeddings; the drawing's sums run on the CPU
+    encoder, sd, _, info = common.load_encoder(stage1, stage2, device)
     common.check_bridge(config, args.ckpt, info["encoder_fingerprint"], common.text_encoder_fingerprint(sd))
     bridge = common.bridge_of(ckpt)
     dataset = CocoImageCaptionDataset(args.data_dir, split=args.val_split, image_size=config["image_size"])
     image_ids = dataset.image_ids[:args.num_val_images]
     feats = common.embed_images(encoder.eval(), sd, dataset, image_ids, config["image_size"],
-                                args.feature_batch_size, cond=True, desc="embedding val images")
+                                args.feature_batch_size, device=device, cond=True, desc="embedding val images")
     rows = [(row, c) for row, p in enumerate(feats["position"].tolist()) for c in dataset.captions_by_image[image_ids[p]]]
     text = common.embed_texts(sd, [c for _, c in rows], args.feature_batch_size)
     text_image = torch.tensor([r for r, _ in rows])
