@@ -873,19 +873,19 @@ def output_settings(args, vlv, captions=True):
 
 def read_enhancer_checkpoint(path):
     """A flow, baseline or bridge checkpoint -> its dict; one line for anything else."""
-    hint = "pass a flow_{step}.pt or baseline.pt of train_flowmatching.py, or a bridge_{step}.pt of train_diffusion_bridge.py"
+    kinds = "a flow_{step}.pt or baseline.pt of train_flowmatching.py, or a bridge_{step}.pt of train_diffusion_bridge.py"
     if os.path.isdir(path):
         path = resolve_checkpoint(path, "bridge" if list_checkpoints(path, "bridge") else "flow")
     if not os.path.isfile(path):
-        die(f"--enhancer {path} does not exist; pass none, sd_refine, or a checkpoint: {hint[5:]}")
+        die(f"--enhancer {path} does not exist; pass none, sd_refine, or a checkpoint: {kinds}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        die(f"--enhancer {path} is not a checkpoint this project can read ({type(e).__name__}); {hint}")
+        die(f"--enhancer {path} is not a checkpoint this project can read ({type(e).__name__}); pass {kinds}")
     kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if kind not in ENHANCER_KINDS:
         die(f"--enhancer {path} is a {kind or 'foreign'} checkpoint, not an enhancer ({', '.join(ENHANCER_KINDS)}); "
-            f"{hint}")
+            f"pass {kinds}")
     return path, ckpt
 
 
@@ -920,12 +920,16 @@ def check_bridge_flags(t0, steps, num_train_timesteps=1000):
         die(f"--bridge_steps {steps}: must be in 0..{t0} (0: each side's mean shift alone)")
 
 
+def encoder_checkpoints(config):
+    """The checkpoints whose encoder an enhancer's config records: 'stage1' or 'stage1 + stage2'."""
+    return config["stage1_ckpt"] + (f" + {config['stage2_ckpt']}" if config.get("stage2_ckpt") else "")
+
+
 def check_bridge(config, path, encoder_fingerprint, text_encoder_fingerprint):
     """One line if the bridge of `path` was built on another encoder (its visual mean) or another
     SD text encoder (its text side)."""
     if config["encoder_fingerprint"] != encoder_fingerprint:
-        trained = config["stage1_ckpt"] + (f" + {config['stage2_ckpt']}" if config.get("stage2_ckpt") else "")
-        die(f"{path} was built on the z of another encoder ({trained}); pass the checkpoints it was built "
+        die(f"{path} was built on the z of another encoder ({encoder_checkpoints(config)}); pass the checkpoints it was built "
             f"with, or train a bridge on these (train_diffusion_bridge.py --stage1_ckpt ...)")
     if config["text_encoder_fingerprint"] != text_encoder_fingerprint:
         die(f"{path} was built on another SD text encoder than this model's; pass a bridge trained with this "
@@ -954,8 +958,16 @@ def load_enhancer(args, vlv):
     it was trained on, the space the captioner reads, the widths."""
     from models.enhancers import SDRefine
     spec = args.enhancer
-    centred = (vlv.text_space or {}).get("norm") == "center"
-    if spec in ("none", "sd_refine") and centred:
+    ckpt = None
+    if spec not in ("none", "sd_refine"):
+        if not 0 <= args.enhancer_t0 < 1:
+            die(f"--enhancer_t0 {args.enhancer_t0}: must be in [0, 1)")
+        if args.enhancer_steps < 1:
+            die(f"--enhancer_steps {args.enhancer_steps}: must be at least 1")
+        path, ckpt = read_enhancer_checkpoint(spec)
+    # A captioner trained on centred text reads images through a bridge only (none, sd_refine and
+    # flows hand it cond(z) in raw units).
+    if (vlv.text_space or {}).get("norm") == "center" and (ckpt is None or ckpt["kind"] != "bridge"):
         die(f"{vlv.info['stage2_ckpt']} was trained on centred text embeddings (train_stage2.py --text_only): "
             f"pass --enhancer a bridge_{{step}}.pt of train_diffusion_bridge.py (--bridge_steps 0: the mean "
             f"shift alone)")
@@ -967,11 +979,6 @@ def load_enhancer(args, vlv):
             die(f"--refine_steps {args.refine_steps}: sd_refine needs at least 1 step")
         vlv.enhancer = SDRefine(vlv.sd, args.refine_steps, args.refine_lr, getattr(args, "seed", 0))
         return vlv.enhancer
-    if not 0 <= args.enhancer_t0 < 1:
-        die(f"--enhancer_t0 {args.enhancer_t0}: must be in [0, 1)")
-    if args.enhancer_steps < 1:
-        die(f"--enhancer_steps {args.enhancer_steps}: must be at least 1")
-    path, ckpt = read_enhancer_checkpoint(spec)
     if ckpt["kind"] == "bridge":
         check_bridge_flags(args.bridge_t0, args.bridge_steps, ckpt["config"]["bridge"]["num_train_timesteps"])
     check_enhancer(ckpt, path, vlv)
@@ -1004,16 +1011,12 @@ def check_enhancer(ckpt, path, vlv):
                 f"was trained with; pass the bridge its --bridge_ckpt named, or one trained on the same captions")
         return
     if config["encoder_fingerprint"] != vlv.info["encoder_fingerprint"]:
-        trained = config["stage1_ckpt"] + (f" + {config['stage2_ckpt']}" if config.get("stage2_ckpt") else "")
-        die(f"--enhancer {path} was trained on the z of another encoder ({trained}); pass the checkpoints "
+        die(f"--enhancer {path} was trained on the z of another encoder ({encoder_checkpoints(config)}); pass the checkpoints "
             f"it was trained with, or train a flow on these (train_flowmatching.py --stage1_ckpt "
             f"... --stage2_ckpt ...)")
     if config["space"] == "cond" and vlv.prefix_source != "cond":
         die(f"--enhancer {path} maps cond(z), but this captioner reads z itself (--prefix_source z); "
             f"pass a flow of --mode denoise or degrade")
-    if (vlv.text_space or {}).get("norm") == "center":
-        die(f"--enhancer {path} is a flow, but {vlv.info['stage2_ckpt']} reads centred text embeddings; pass a "
-            f"bridge_{{step}}.pt of train_diffusion_bridge.py")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -230,14 +230,10 @@ def visualize(args):
     encoder, sd, _, info = common.load_encoder(stage1, stage2, device)
     common.check_bridge(config, args.ckpt, info["encoder_fingerprint"], common.text_encoder_fingerprint(sd))
     bridge = common.bridge_of(ckpt)
-    dataset = CocoImageCaptionDataset(args.data_dir, split=args.val_split, image_size=config["image_size"])
-    image_ids = dataset.image_ids[:args.num_val_images]
-    feats = common.embed_images(encoder.eval(), sd, dataset, image_ids, config["image_size"],
-                                args.feature_batch_size, device=device, cond=True, desc="embedding val images")
-    rows = [(row, c) for row, p in enumerate(feats["position"].tolist()) for c in dataset.captions_by_image[image_ids[p]]]
-    text = common.embed_texts(sd, [c for _, c in rows], args.feature_batch_size)
-    text_image = torch.tensor([r for r, _ in rows])
-    e = effect(bridge, feats["cond"], text, text_image, args.bridge_t0, args.bridge_steps)
+    feats = side_features(args, encoder.eval(), sd, info, config["image_size"], args.val_split, args.num_val_images,
+                          device)
+    text = feats["text"]
+    e = effect(bridge, feats["cond"], text, feats["text_image"], args.bridge_t0, args.bridge_steps)
 
     def bins(*arrays):  # 40 shared bins, wide enough for values that are (nearly) all equal
         lo, hi = min(a.min() for a in arrays), max(a.max() for a in arrays)

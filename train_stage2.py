@@ -17,7 +17,7 @@ import torch
 import common
 import errors
 from data.coco import CocoImageCaptionDataset
-from models.bridge import Bridge, normalize
+from models.bridge import normalize
 from models.emb_to_caption import EmbToCaption, flatten_references
 from models.vision_to_textemb import VisionToTextEmb
 from models.vlv import VLV
@@ -117,7 +117,7 @@ def text_inputs(args, sd, dataset, stage1_fingerprint, device):
     """The text-only run's training inputs: (inputs [M,L,D] per caption of dataset.items, text_space).
     T(caption) is extracted once and cached in --output_dir/features.safetensors (so is the
     bridge's augmentation)."""
-    from models.bridge import default_config, modality_mean
+    from models.bridge import centre, default_config, modality_mean
     settings = dict(split=args.split, subset_ratio=args.subset_ratio, karpathy_json=args.karpathy_json,
                     seed=args.seed)
     text = common.caption_features(sd, dataset, os.path.join(args.output_dir, "features.safetensors"), settings,
@@ -131,11 +131,11 @@ def text_inputs(args, sd, dataset, stage1_fingerprint, device):
         common.check_bridge(ckpt["config"], f"--bridge_ckpt {args.bridge_ckpt}", stage1_fingerprint,
                             common.text_encoder_fingerprint(sd))
         bridge = common.bridge_of(ckpt).to(device)
-    else:
+        space.update(layout=bridge.layout, scale=bridge.scale, mean=bridge.text_mean.cpu())
+    else:  # no bridge yet: the captions' own mean, the recipe's layout and scale
         recipe = default_config(*text.shape[1:])
-        bridge = Bridge(recipe, modality_mean(text, recipe["layout"]))
-    space.update(layout=bridge.layout, scale=bridge.scale, mean=bridge.text_mean.cpu())
-    centred = bridge.centre(text, "text")
+        space.update(layout=recipe["layout"], scale=recipe["scale"], mean=modality_mean(text, recipe["layout"]).cpu())
+    centred = centre(text, space["mean"].to(device), space["scale"], space["layout"])
     if args.bridge_aug_t0:  # once, seeded, cached: every caption's embedding through the bridge
         def augment():
             from tqdm.auto import tqdm
@@ -178,14 +178,15 @@ def main(argv=None):
                        f"no toy-world scene to count objects in; it is for the toy world, drop it for COCO")
         repeats = {i: args.two_object_repeat for i, scene in scenes.items() if len(scene["objects"]) == 2}
     text_space = None
-    if args.text_only:  # rows: the training items, each a caption of dataset.items (repeats included)
+    if args.text_only:  # inputs: one per caption of dataset.items, extracted before the repeats
         inputs, text_space = text_inputs(args, sd, dataset, stage1_fingerprint, accelerator.device)
-        rows = torch.tensor([k for k, (image_id, _) in enumerate(dataset.items)
-                             for _ in range(repeats.get(image_id, 1))], device=accelerator.device)
+        row_of = {item: k for k, item in enumerate(dataset.items)}  # equal items have equal embeddings
+    dataset.repeat_images(repeats)
+    if args.text_only:  # rows[i]: the input of item i (repeats included)
+        rows = torch.tensor([row_of[item] for item in dataset.items], device=accelerator.device)
         loader = common.train_loader(common.IndexDataset(len(rows)), args, accelerator)
         trained = captioner
     else:
-        dataset.repeat_images(repeats)
         loader = common.train_loader(dataset, args, accelerator)
         trained = vlv
     optimizer, lr_scheduler, steps_per_epoch, max_steps = common.build_optimization(
@@ -234,8 +235,8 @@ def main(argv=None):
 
     def compute_loss(batch):  # through DDP, so gradients sync
         if args.text_only:
-            idx = rows[batch["index"].to(device)]
-            return model(text_prefix(idx), [dataset.items[i][1] for i in idx.tolist()])
+            index = batch["index"]
+            return model(text_prefix(rows[index.to(device)]), [dataset.items[i][1] for i in index.tolist()])
         if args.caption_loss == "sampled":
             return model(batch["pixel_values"], batch["caption"])
         captions, groups = flatten_references([dataset.captions_by_image[int(i)] for i in batch["image_id"]])
@@ -243,9 +244,9 @@ def main(argv=None):
                      pick="best" if args.caption_loss == "best_ref" else "sample")
 
     if args.text_only:  # no image is read: the samples are captions of training captions' own embeddings
-        firsts = list({image_id: k for k, (image_id, _) in reversed(list(enumerate(dataset.items)))}.values())
-        val_rows = torch.tensor(sorted(firsts)[:args.num_validation_images], device=device)
-        val_refs = [dataset.items[i][1] for i in val_rows.tolist()]
+        val_items = list(dataset.first_items().values())[:args.num_validation_images]
+        val_rows = rows[torch.tensor(val_items, device=device)]
+        val_refs = [dataset.items[i][1] for i in val_items]
         sample = lambda: captioner.generate(text_prefix(val_rows), num_beams=args.num_beams,  # noqa: E731
                                             max_new_tokens=args.max_new_tokens)
     else:

@@ -92,7 +92,9 @@ def main(argv=None):
     dataset = CocoImageCaptionDataset(path("data"), split="val", image_size=32)
     ids = dataset.image_ids[:args.num_samples]
     refs = {i: dataset.captions_by_image[i] for i in ids}
-    vlvs, results = {}, []
+    image_of = torch.tensor([k for k, i in enumerate(ids) for _ in refs[i]])  # the image of each reference
+    vlvs, images_at, results = {}, {}, []
+    raw_texts = None  # [M,L,D] T(caption) of the references: every row's models share stage 1's SD
     for key, name, captioner, enhancer, steps in rows:
         name, steps = name.format(t0=args.bridge_t0), args.bridge_t0 if steps == "t0" else steps
         stage2 = path("stage2") if captioner == "stage2" else path("zero_shot", captioner)
@@ -104,15 +106,18 @@ def main(argv=None):
         flags = argparse.Namespace(enhancer=spec, enhancer_steps=8, enhancer_t0=0.0, enhancer_solver="euler",
                                    bridge_t0=args.bridge_t0, bridge_steps=steps or 0)
         common.load_enhancer(flags, vlv)
-        transform = image_transform(vlv.image_size)
-        texts = common.embed_texts(vlv.sd, [c for i in ids for c in refs[i]])  # [M,L,D] raw T(caption)
-        image_of = torch.tensor([k for k, i in enumerate(ids) for _ in refs[i]])
+        if vlv.image_size not in images_at:  # the val images, read once per size
+            transform = image_transform(vlv.image_size)
+            images_at[vlv.image_size] = torch.stack([transform(load_rgb(dataset.image_path(i))) for i in ids])
+        if raw_texts is None:
+            raw_texts = common.embed_texts(vlv.sd, [c for i in ids for c in refs[i]])
+        texts = raw_texts
         if vlv.text_space and vlv.text_space["norm"] == "center":  # the captioner's own space
-            texts = vlv.enhancer.bridge.centre(texts, "text")
+            texts = vlv.enhancer.bridge.centre(raw_texts, "text")
         preds, cos, seconds = {}, [], 0.0
         for s in range(0, len(ids), args.batch_size):
             batch = ids[s:s + args.batch_size]
-            images = torch.stack([transform(load_rgb(dataset.image_path(i))) for i in batch])
+            images = images_at[vlv.image_size][s:s + len(batch)]
             with torch.no_grad():
                 start = time.perf_counter()
                 prefix = vlv.prefix(images)

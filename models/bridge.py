@@ -42,6 +42,11 @@ def normalize(x, layout):
     return F.normalize(x.flatten(1), dim=1).view_as(x)
 
 
+def centre(x, mean, scale, layout):
+    """The paper's chain: raw embeddings x [B,L,D] -> scale * normalize(normalize(x) - mean)."""
+    return scale * normalize(normalize(x.float(), layout) - mean, layout)
+
+
 def modality_mean(x, layout):
     """The mean of the L2-normalised vectors x [N,L,D] -> [L,D] (not renormalised, as the paper)."""
     return normalize(x.float(), layout).mean(0)
@@ -86,8 +91,7 @@ class Bridge(nn.Module):
     # -- the normalisation chain -------------------------------------------------------------
     def centre(self, x, side):
         """Raw embeddings [B,L,D] of side "text" or "visual" -> scale * normalize(normalize(x) - mean)."""
-        mean = self.text_mean if side == "text" else self.visual_mean
-        return self.rescale(normalize(x.float(), self.layout) - mean)
+        return centre(x, self.text_mean if side == "text" else self.visual_mean, self.scale, self.layout)
 
     def rescale(self, x):
         return self.scale * normalize(x, self.layout)
