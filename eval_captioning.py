@@ -62,6 +62,8 @@ def build_parser():
     g.add_argument("--data_dir", default=None, help="COCO 2017 root (annotations/, val2017/)")
     g.add_argument("--split", default="val")
     g.add_argument("--karpathy_json", default=None, help="dataset_coco.json for the Karpathy split")
+    g.add_argument("--data_format", default="coco", choices=["coco", "flickr30k"],
+                   help="flickr30k: captions.txt or results_20130124.token (test/val need --karpathy_json)")
     g.add_argument("--num_samples", type=int, default=None, help="first N images of the split (default: all)")
     g.add_argument("--batch_size", type=int, default=16)
     g.add_argument("--out_jsonl", default=None, help="predictions, appended as made; a re-run resumes")
@@ -369,7 +371,7 @@ def model_inputs(args):
     vlv = common.load_vlv(args.stage1_ckpt, args.stage2_ckpt, args.device)
     common.load_enhancer(args, vlv)
     dataset = CocoImageCaptionDataset(args.data_dir, split=args.split, image_size=vlv.image_size,
-                                      karpathy_json=args.karpathy_json, seed=args.seed)
+                                      karpathy_json=args.karpathy_json, seed=args.seed, data_format=args.data_format)
     ids = dataset.image_ids[:args.num_samples]  # one item per image (those with captions), file order
     transform = image_transform(vlv.image_size)
 

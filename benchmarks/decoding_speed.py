@@ -112,14 +112,18 @@ def main(argv=None):
     start = time.perf_counter()
     reference = []
     for i in range(n):
-        reference += beam_search_reference(vlv.captioner, prefix[i:i + 1], args.num_beams, args.max_new_tokens)
+        if vlv.captioner.kind == "blip":  # its decoder is no causal LM over inputs_embeds: generate() without a cache
+            reference += vlv.captioner.generate(prefix[i:i + 1], use_cache=False, **decoding)
+        else:  # prefix and EVCap: the hand-written batch-1 search over the same prefix embeddings
+            reference += beam_search_reference(vlv.captioner, prefix[i:i + 1], args.num_beams, args.max_new_tokens)
     t_reference = time.perf_counter() - start
 
     same = sum(a == b for a, b in zip(batched, reference))
     rows = [["batch-1 beam search, no KV cache (EVCap/ClipCap style)", f"{n / t_reference:.1f}", f"{same}/{n}"],
             [f"transformers generate, batch {args.batch_size}, KV cache", f"{n / t_batched:.1f}", f"{same}/{n}"]]
     print(common.machine_description())
-    print(f"{n} toy {args.split} images, {args.num_beams} beams, at most {args.max_new_tokens} new tokens")
+    print(f"{n} toy {args.split} images, {vlv.captioner.kind} captioner, {args.num_beams} beams, at most "
+          f"{args.max_new_tokens} new tokens")
     print(common.markdown_table(["decoder", "captions/s", "same captions"], rows))
     print(f"speed-up: {t_reference / t_batched:.1f}x")
     return dict(num_images=n, same=same, batched=batched, reference=reference,

@@ -6,6 +6,10 @@ Layouts read:
     Karpathy:   --karpathy_json dataset_coco.json; images at {data_dir}/{filepath}/{filename}, falling
                 back to the COCO 2017 names {data_dir}/{train,val}2017/{cocoid:012d}.jpg when only
                 COCO 2017 is on disk (the same photos under other names). split "train" = train + restval.
+    Split folder: --data_dir {root}/train2017 (as the VLV README passes it), with no annotations/
+                in it but in its parent: read as the COCO root {root} and split train (coco_root).
+    Flickr30k:  data_format="flickr30k": captions.txt or results_20130124.token (data/flickr30k.py),
+                read into the same records, so the datasets behave the same.
     Folder:     every image file under a directory, recursively, sorted.
 
 Unreadable or missing images do not stop a run: `__getitem__` returns None, `collate_skip_none`
@@ -19,6 +23,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import warnings
 
 import numpy as np
@@ -30,6 +35,8 @@ from errors import BadInput, UnreadableImage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
+DATA_FORMATS = ("coco", "flickr30k")
+_SPLIT_FOLDER = re.compile(r"^(\w+)2017$")
 
 # Files already warned about in this process (each DataLoader worker has its own set).
 _warned_paths = set()
@@ -259,18 +266,56 @@ def _read_karpathy(data_dir, split, karpathy_json):
     return records, paths
 
 
+def check_data_format(data_format):
+    if data_format not in DATA_FORMATS:
+        raise BadInput(f"--data_format {data_format} is not known; use one of {', '.join(DATA_FORMATS)}")
+    return data_format
+
+
+def coco_root(data_dir, split):
+    """(root, split, moved): data_dir itself when it has annotations/; when it is a split folder
+    `<name>2017` without annotations/ whose parent has them (the VLV README's --data_dir
+    data/coco2017/train2017), the parent and that folder's split, moved=True. The folder names the
+    split, so it wins over --split (whose default, train, cannot be told from a choice)."""
+    if os.path.isdir(os.path.join(data_dir, "annotations")):
+        return data_dir, split, False
+    folder = os.path.normpath(data_dir)
+    parent = os.path.dirname(folder) or "."  # relative stays relative: paths in messages read as given
+    m = _SPLIT_FOLDER.match(os.path.basename(folder))
+    if m and os.path.isdir(os.path.join(parent, "annotations")):
+        return parent, m.group(1), True
+    return data_dir, split, False
+
+
 class _CocoBase(_ImageDataset):
-    def __init__(self, data_dir, split="train", image_size=384, subset_ratio=1.0, karpathy_json=None, seed=0):
+    def __init__(self, data_dir, split="train", image_size=384, subset_ratio=1.0, karpathy_json=None, seed=0,
+                 data_format="coco"):
         super().__init__(image_size)
         check_subset_ratio(subset_ratio)  # before reading a large annotation file
+        check_data_format(data_format)
         if not data_dir or not os.path.isdir(data_dir):
-            raise BadInput(f"--data_dir {data_dir} does not exist; pass the COCO 2017 root "
-                           f"(with annotations/ and {split}2017/)")
-        self.data_dir, self.split = data_dir, split
-        if karpathy_json:
-            records, self._paths = _read_karpathy(data_dir, split, karpathy_json)
+            where = ("the Flickr30k folder (with captions.txt or results_20130124.token and the images)"
+                     if data_format == "flickr30k" else f"the COCO 2017 root (with annotations/ and {split}2017/)")
+            raise BadInput(f"--data_dir {data_dir} does not exist; pass {where}")
+        if data_format == "flickr30k":
+            from data.flickr30k import read_flickr30k
+            records, self._paths = read_flickr30k(data_dir, split, karpathy_json)
         else:
-            records, self._paths = _read_coco_captions(data_dir, split)
+            root, folder_split, moved = coco_root(data_dir, split)
+            if moved:
+                # A Karpathy file keeps its own split; the folder only locates the root.
+                if not karpathy_json:
+                    split_note = f"split {folder_split}" + ("" if folder_split == split else f" (not --split {split})")
+                else:
+                    split_note = f"Karpathy split {split}"
+                warnings.warn(f"--data_dir {data_dir} is a COCO split folder: reading the COCO root {root}, "
+                              f"{split_note}", stacklevel=3)
+                data_dir, split = root, (split if karpathy_json else folder_split)
+            if karpathy_json:
+                records, self._paths = _read_karpathy(data_dir, split, karpathy_json)
+            else:
+                records, self._paths = _read_coco_captions(data_dir, split)
+        self.data_dir, self.split, self.data_format = data_dir, split, data_format
         # The subset is drawn over all images of the split, so the images-only and the caption
         # dataset with the same seed and ratio hold the same images (bar those without captions).
         keep = subset_indices(len(records), subset_ratio, seed)
@@ -290,8 +335,9 @@ class _CocoBase(_ImageDataset):
 class CocoImagesOnlyDataset(_CocoBase):
     """One item per image: {"pixel_values": [3,S,S] float in [0,1], "image_id": int, "index": int}."""
 
-    def __init__(self, data_dir, split="train", image_size=384, subset_ratio=1.0, karpathy_json=None, seed=0):
-        super().__init__(data_dir, split, image_size, subset_ratio, karpathy_json, seed)
+    def __init__(self, data_dir, split="train", image_size=384, subset_ratio=1.0, karpathy_json=None, seed=0,
+                 data_format="coco"):
+        super().__init__(data_dir, split, image_size, subset_ratio, karpathy_json, seed, data_format)
         self.image_ids = [image_id for image_id, _, _ in self._records]
         if not self.image_ids:
             raise BadInput(f"--data_dir {data_dir}: split {split} has no images")
@@ -313,8 +359,9 @@ class CocoImageCaptionDataset(_CocoBase):
     For evaluation: `image_ids` (images with at least one caption, in file order),
     `captions_by_image` {image_id: [captions]}, `images_info` {image_id: image entry}."""
 
-    def __init__(self, data_dir, split="train", image_size=384, subset_ratio=1.0, karpathy_json=None, seed=0):
-        super().__init__(data_dir, split, image_size, subset_ratio, karpathy_json, seed)
+    def __init__(self, data_dir, split="train", image_size=384, subset_ratio=1.0, karpathy_json=None, seed=0,
+                 data_format="coco"):
+        super().__init__(data_dir, split, image_size, subset_ratio, karpathy_json, seed, data_format)
         self.captions_by_image = {image_id: caps for image_id, _, caps in self._records if caps}
         self.image_ids = list(self.captions_by_image)
         # Grouped by image, in file order: items of one image are adjacent.
@@ -393,12 +440,16 @@ class ImageFolderDataset(_ImageDataset):
         return {"pixel_values": pixels, "image_id": index, "index": index}
 
 
-def make_images_dataset(data_dir, split="train", image_size=384, subset_ratio=1.0, karpathy_json=None, seed=0):
-    """COCO images when data_dir has annotations/ (or a Karpathy file is given), else a folder."""
+def make_images_dataset(data_dir, split="train", image_size=384, subset_ratio=1.0, karpathy_json=None, seed=0,
+                        data_format="coco"):
+    """COCO images when data_dir has annotations/ (or is a split folder of a COCO root, or a
+    Karpathy file is given), Flickr30k's with data_format="flickr30k", else a folder."""
+    if check_data_format(data_format) == "flickr30k":
+        return CocoImagesOnlyDataset(data_dir, split, image_size, subset_ratio, karpathy_json, seed, data_format)
     if not data_dir or not os.path.isdir(data_dir):
         raise BadInput(f"--data_dir {data_dir} does not exist; pass the COCO 2017 root (with annotations/ and "
                        f"{split}2017/) or a folder of images")
     check_subset_ratio(subset_ratio)
-    if karpathy_json or os.path.isdir(os.path.join(data_dir, "annotations")):
-        return CocoImagesOnlyDataset(data_dir, split, image_size, subset_ratio, karpathy_json, seed)
+    if karpathy_json or os.path.isdir(os.path.join(data_dir, "annotations")) or coco_root(data_dir, split)[2]:
+        return CocoImagesOnlyDataset(data_dir, split, image_size, subset_ratio, karpathy_json, seed, data_format)
     return ImageFolderDataset(data_dir, image_size, subset_ratio, seed)

@@ -6,6 +6,9 @@ Written in the COCO 2017 layout so the real COCO loader reads it:
 
     python -m data.toy_world --output_dir checkpoints/toy/data --num_train 20000 --num_val 200 --seed 0
 
+A visual-name memory (an EVCap-style captioner's), one ImageFolder class per (colour, shape) name:
+    python -m data.toy_world --memory_dir checkpoints/toy/memory --memory_per_name 8 --seed 0
+
 A scene is a plain dict, the single source of truth for captions, rendering and scoring:
     {"objects": [{"colour", "shape", "size"}, ...], "position": str|None, "relation": str|None}
 One object has a position; two objects have a relation of the first w.r.t. the second.
@@ -306,10 +309,13 @@ def _draw_object(draw, colour, shape, cx, cy, e):
 def render_scene(scene, rng):
     """Scene -> 32x32 RGB PIL image, layout drawn from rng. Every shape's centroid sits where the
     layout puts it (the judge reads centroids)."""
-    layout = _sample_layout(scene, rng)
+    return _render(scene["objects"], _sample_layout(scene, rng))
+
+
+def _render(objects, layout):
     big = Image.new("RGB", (IMAGE_SIZE * SCALE, IMAGE_SIZE * SCALE), BACKGROUND)
     draw = ImageDraw.Draw(big)
-    for o, (cx, cy, e) in zip(scene["objects"], layout):
+    for o, (cx, cy, e) in zip(objects, layout):
         _draw_object(draw, o["colour"], o["shape"], cx, cy, e)
     return big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
 
@@ -356,19 +362,82 @@ def generate(out_dir, num_train, num_val, seed=0):
     return train, val
 
 
+# ---------------------------------------------------------------------------------------------
+# Visual-name memory: one folder of single-object images per (colour, shape) name
+
+def folder_of(colour, shape):
+    return f"{colour}_{shape}"
+
+
+def name_of(folder):
+    """A memory folder's name: "red_circle" (or its path) -> "red circle"."""
+    return os.path.basename(os.path.normpath(folder)).replace("_", " ")
+
+
+def render_object(colour, shape, rng):
+    """One object of a random size anywhere in the image (1-px margin), drawn as the data set draws
+    its objects: the memory's images differ from the data set's only in where the object sits."""
+    size = SIZES[rng.integers(len(SIZES))]
+    e = float(rng.uniform(*EXTENT[size]))
+    l, r, u, d = _half_extents(shape, e)
+    cx = float(rng.uniform(1.0 + l, IMAGE_SIZE - 1.0 - r))
+    cy = float(rng.uniform(1.0 + u, IMAGE_SIZE - 1.0 - d))
+    return _render([{"colour": colour, "shape": shape, "size": size}], [(cx, cy, e)])
+
+
+def write_name_folders(out_dir, per_name=8, seed=0):
+    """For every (colour, shape) pair, held-out pairs included (a memory of names is what lets a
+    captioner name an unseen pair), `per_name` images at out_dir/<colour>_<shape>/<k>.png: an
+    ImageFolder layout whose folder name, underscore read as a space (name_of), is the name.
+    Same arguments -> same bytes; one RNG stream per pair, so a pair's first k images are the same
+    for any per_name >= k.
+    Returns {"<colour> <shape>": [paths]}."""
+    if not isinstance(per_name, int) or per_name < 1:
+        raise BadInput(f"--memory_per_name {per_name} must be a positive integer")
+    written = {}
+    for ci, colour in enumerate(COLOURS):
+        for si, shape in enumerate(SHAPES):
+            rng = np.random.default_rng([seed, 2, ci, si])  # streams 0, 1: the train and val splits
+            folder = os.path.join(out_dir, folder_of(colour, shape))
+            os.makedirs(folder, exist_ok=True)
+            paths = []
+            for k in range(per_name):
+                path = os.path.join(folder, f"{k}.png")
+                with atomic_path(path) as tmp:
+                    render_object(colour, shape, rng).save(tmp, format="PNG")
+                paths.append(path)
+            # Images left by an earlier, larger per_name would join the memory: remove them.
+            for name in os.listdir(folder):
+                stem, ext = os.path.splitext(name)
+                if ext == ".png" and stem.isdigit() and int(stem) >= per_name:
+                    os.remove(os.path.join(folder, name))
+            written[f"{colour} {shape}"] = paths
+    return written
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", help="write the data set (COCO 2017 layout) here")
     p.add_argument("--num_train", type=int, default=20000)
     p.add_argument("--num_val", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--memory_dir", help="write the visual-name memory here: DIR/<colour>_<shape>/<k>.png for "
+                                        "every pair, held-out ones included")
+    p.add_argument("--memory_per_name", type=int, default=8, help="images per name in --memory_dir")
+    args = p.parse_args(argv)
+    if not args.output_dir and not args.memory_dir:
+        p.error("pass --output_dir (the data set), --memory_dir (the name memory), or both")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    train, val = generate(args.output_dir, args.num_train, args.num_val, args.seed)
-    print(f"wrote {args.num_train} train and {args.num_val} val images: {train}, {val}")
+    if args.output_dir:
+        train, val = generate(args.output_dir, args.num_train, args.num_val, args.seed)
+        print(f"wrote {args.num_train} train and {args.num_val} val images: {train}, {val}")
+    if args.memory_dir:
+        names = write_name_folders(args.memory_dir, args.memory_per_name, args.seed)
+        print(f"wrote {args.memory_per_name} images for each of {len(names)} names: {args.memory_dir}")
 
 
 if __name__ == "__main__":

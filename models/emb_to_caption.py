@@ -88,16 +88,113 @@ def flatten_references(refs):
     return [c for r in refs for c in r], torch.tensor([g for g, r in enumerate(refs) for _ in r])
 
 
-class EmbToCaption(nn.Module):
+class Captioner(nn.Module):
+    """What every captioner shares (the prefix one here, models.blip, models.evcap): the stage-2
+    loss over one caption per z or one of each image's references, the generate() settings, and
+    checkpoints of the trainable weights only. A subclass defines token_nll(z, captions, groups,
+    label_smoothing) and generate(z, **decoding), and sets eos_id and pad_id."""
+
+    kind = None  # "prefix" | "blip" | "evcap": what the stage-2 checkpoint's config records
+    label_smoothing = 0.0  # of the training loss (BLIP's 0.1); reference picking always scores plain -log p
+
+    # ---- training -----------------------------------------------------------------------------
+    def forward(self, z, captions, groups=None, pick="best"):
+        """Teacher-forced LM loss: the mean over caption tokens + EOS of the batch.
+
+        z [B,L,D] and one caption per row; or, with groups (LongTensor [N], caption i belongs to
+        image groups[i] of z), all the references of each image, of which one counts, so the
+        captioner may commit to one of several equally true phrasings (e.g. which of two objects it
+        names first) instead of being pulled towards all of them at once.
+        pick="best": the caption the model finds most likely (multiple-choice learning,
+        Guzman-Rivera et al. 2012); pick="sample": one drawn from the model's posterior over the
+        image's captions, p(c_j | z) / sum_k p(c_k | z) (Gumbel-max), whose gradient is an unbiased
+        estimate of that of the marginal likelihood log sum_j p(c_j | z): it starts as a uniform
+        choice and sharpens only as the model commits."""
+        if groups is not None:
+            groups = groups.to(z.device)
+            if len(captions) != groups.shape[0]:
+                raise ValueError(f"{len(captions)} captions but {groups.shape[0]} groups")
+            keep = self.pick_references(z, captions, groups, pick)
+            z, captions = z[groups[keep]], [c for c, k in zip(captions, keep.tolist()) if k]
+        elif len(captions) != z.shape[0]:
+            raise ValueError(f"{z.shape[0]} prefixes but {len(captions)} captions")
+        nll, token_mask = self.token_nll(z, captions, label_smoothing=self.label_smoothing)
+        return nll.sum() / token_mask.sum()
+
+    @torch.no_grad()
+    def pick_references(self, z, captions, groups, pick="best"):
+        """[N] bool: the one caption of each image of z that the loss trains on (forward's pick)."""
+        if pick not in ("best", "sample"):
+            raise ValueError(f"pick={pick!r}: use 'best' or 'sample'")
+        groups = groups.to(z.device)
+        # Scored without a graph and without dropout; only the chosen captions then get a backward
+        # pass, one per image, not one per reference.
+        was_training = self.training
+        self.eval()
+        try:
+            score = self.token_nll(z, captions, groups)[0].sum(1)       # [N] -log p(caption | z)
+        finally:
+            self.train(was_training)
+        if pick == "sample":  # argmin of (-log p - Gumbel noise) is a sample of the posterior
+            score = score + torch.log(-torch.log(torch.rand_like(score).clamp_min(1e-20)))
+        return best_in_group(score, groups)
+
+    # ---- inference ----------------------------------------------------------------------------
+    def generation_kwargs(self, **decoding):
+        """transformers generate() arguments for the DECODING settings given (the rest at their
+        defaults). transformers 5 fills every generation field left unset from the LM's
+        generation_config.json (e.g. a chat model's repetition_penalty or top_k): the neutral value of
+        each is set, so that decoding depends on these settings only."""
+        unknown = sorted(set(decoding) - set(DECODING))
+        if unknown:
+            raise TypeError(f"unknown decoding settings {unknown}; known: {sorted(DECODING)}")
+        d = {**DECODING, **decoding}
+        kwargs = dict(num_beams=d["num_beams"], max_new_tokens=d["max_new_tokens"],
+                      min_new_tokens=d["min_new_tokens"], length_penalty=d["length_penalty"],
+                      no_repeat_ngram_size=d["no_repeat_ngram_size"], do_sample=d["do_sample"],
+                      early_stopping=False, repetition_penalty=1.0, num_return_sequences=1,
+                      eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+        if d["do_sample"]:
+            kwargs.update(top_p=d["top_p"], temperature=d["temperature"], top_k=0)
+        return kwargs
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def saved_parameters(self) -> dict:
+        """What a checkpoint holds: the parameters that train (a subclass adds frozen ones that no
+        pretrained file holds)."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def trainable_state_dict(self) -> dict:
+        """Only what trains: the projection, plus LoRA weights or the whole LM when they train."""
+        return {name: p.detach() for name, p in self.saved_parameters().items()}
+
+    def load_trainable_state_dict(self, sd):
+        params = self.saved_parameters()
+        missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
+        if missing or unexpected:
+            raise BadInput(f"captioner checkpoint does not match this {self.kind} captioner (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}); rebuild it with the config saved with the checkpoint "
+                           f"(its captioner kind, proj, lora, freeze_lm)")
+        with torch.no_grad():
+            for name, p in params.items():
+                if sd[name].shape != p.shape:
+                    raise BadInput(f"captioner checkpoint: {name} has shape {tuple(sd[name].shape)}, the model "
+                                   f"{tuple(p.shape)}; rebuild it with the config saved with the checkpoint")
+                p.copy_(sd[name])
+
+
+class EmbToCaption(Captioner):
     """z [B,L,D] -> caption. A projection (linear | mlp) maps z to the LM width and is prepended as
     inputs_embeds before the caption tokens; prefix positions are -100 in the labels; an EOS token is
     appended to every caption in training, so generate() stops by itself."""
 
-    def __init__(self, lm, tokenizer, config):
+    kind = "prefix"
+
+    def __init__(self, lm, tokenizer, config, proj_in=None):
         super().__init__()
         self.lm, self.tokenizer, self.config = lm, tokenizer, config
         hidden = lm.get_input_embeddings().embedding_dim
-        d = config["prefix_dim"]
+        d = proj_in or config["prefix_dim"]  # what psi reads: z's width, or a subclass's tokens
         if config["proj"] == "linear":
             self.proj = nn.Linear(d, hidden)
         elif config["proj"] == "mlp":
@@ -124,6 +221,7 @@ class EmbToCaption(nn.Module):
         # <|endoftext|> document separator); Qwen2.5 has none and gets none.
         self.bos_id = tokenizer.bos_token_id
         self.max_positions = getattr(lm.config, "max_position_embeddings", None)
+        self.prefix_positions = config["prefix_len"] + (self.bos_id is not None)  # what prefix_embeds gives
 
     @classmethod
     def from_pretrained(cls, llm, prefix_len, prefix_dim, proj="mlp", freeze_lm=True, lora=False,
@@ -168,53 +266,11 @@ class EmbToCaption(nn.Module):
         """captions -> list of token-id lists: caption tokens + EOS (no BOS; it is in the prefix)."""
         limit = MAX_CAPTION_TOKENS
         if self.max_positions is not None:
-            limit = min(limit, self.max_positions - self.config["prefix_len"] - 2)
+            limit = min(limit, self.max_positions - self.prefix_positions - 1)
         ids = self.tokenizer([c.strip() for c in captions], add_special_tokens=False)["input_ids"]
         return [x[:limit] + [self.eos_id] for x in ids]
 
-    # ---- training -----------------------------------------------------------------------------
-    def forward(self, z, captions, groups=None, pick="best"):
-        """Teacher-forced LM loss: the mean over caption tokens + EOS of the batch.
-
-        z [B,L,D] and one caption per row; or, with groups (LongTensor [N], caption i belongs to
-        image groups[i] of z), all the references of each image, of which one counts, so the
-        captioner may commit to one of several equally true phrasings (e.g. which of two objects it
-        names first) instead of being pulled towards all of them at once.
-        pick="best": the caption the model finds most likely (multiple-choice learning,
-        Guzman-Rivera et al. 2012); pick="sample": one drawn from the model's posterior over the
-        image's captions, p(c_j | z) / sum_k p(c_k | z) (Gumbel-max), whose gradient is an unbiased
-        estimate of that of the marginal likelihood log sum_j p(c_j | z): it starts as a uniform
-        choice and sharpens only as the model commits."""
-        if groups is not None:
-            groups = groups.to(z.device)
-            if len(captions) != groups.shape[0]:
-                raise ValueError(f"{len(captions)} captions but {groups.shape[0]} groups")
-            keep = self.pick_references(z, captions, groups, pick)
-            z, captions = z[groups[keep]], [c for c, k in zip(captions, keep.tolist()) if k]
-        elif len(captions) != z.shape[0]:
-            raise ValueError(f"{z.shape[0]} prefixes but {len(captions)} captions")
-        nll, token_mask = self.token_nll(z, captions)
-        return nll.sum() / token_mask.sum()
-
-    @torch.no_grad()
-    def pick_references(self, z, captions, groups, pick="best"):
-        """[N] bool: the one caption of each image of z that the loss trains on (forward's pick)."""
-        if pick not in ("best", "sample"):
-            raise ValueError(f"pick={pick!r}: use 'best' or 'sample'")
-        groups = groups.to(z.device)
-        # Scored without a graph and without dropout; only the chosen captions then get a backward
-        # pass, one per image, not one per reference.
-        was_training = self.training
-        self.eval()
-        try:
-            score = self.token_nll(z, captions, groups)[0].sum(1)       # [N] -log p(caption | z)
-        finally:
-            self.train(was_training)
-        if pick == "sample":  # argmin of (-log p - Gumbel noise) is a sample of the posterior
-            score = score + torch.log(-torch.log(torch.rand_like(score).clamp_min(1e-20)))
-        return best_in_group(score, groups)
-
-    def token_nll(self, z, captions, groups=None):
+    def token_nll(self, z, captions, groups=None, label_smoothing=0.0):
         """-log p of every caption token + EOS given z and the tokens before it: ([N,T], mask [N,T]).
         Caption i is read after the prefix of z[i], or of z[groups[i]] when groups is given: then
         each image's prefix runs through the LM once and all its captions attend to the same cached
@@ -242,28 +298,10 @@ class EmbToCaption(nn.Module):
                 logits = torch.cat([logits, rest], dim=1)               # [N,T,V]
         # Position P-1+t predicts caption token t; padding counts nothing.
         nll = F.cross_entropy(logits.float().transpose(1, 2), tokens.masked_fill(token_mask == 0, -100),
-                              reduction="none")
+                              reduction="none", label_smoothing=label_smoothing)
         return nll, token_mask
 
     # ---- inference ----------------------------------------------------------------------------
-    def generation_kwargs(self, **decoding):
-        """transformers generate() arguments for the DECODING settings given (the rest at their
-        defaults). transformers 5 fills every generation field left unset from the LM's
-        generation_config.json (e.g. a chat model's repetition_penalty or top_k): the neutral value of
-        each is set, so that decoding depends on these settings only."""
-        unknown = sorted(set(decoding) - set(DECODING))
-        if unknown:
-            raise TypeError(f"unknown decoding settings {unknown}; known: {sorted(DECODING)}")
-        d = {**DECODING, **decoding}
-        kwargs = dict(num_beams=d["num_beams"], max_new_tokens=d["max_new_tokens"],
-                      min_new_tokens=d["min_new_tokens"], length_penalty=d["length_penalty"],
-                      no_repeat_ngram_size=d["no_repeat_ngram_size"], do_sample=d["do_sample"],
-                      early_stopping=False, repetition_penalty=1.0, num_return_sequences=1,
-                      eos_token_id=self.eos_id, pad_token_id=self.pad_id)
-        if d["do_sample"]:
-            kwargs.update(top_p=d["top_p"], temperature=d["temperature"], top_k=0)
-        return kwargs
-
     @torch.no_grad()
     def generate(self, z, **decoding) -> list[str]:
         """z [B,L,D] -> B captions. Batched beam search (greedy when num_beams=1) or sampling, with
@@ -290,22 +328,3 @@ class EmbToCaption(nn.Module):
 
     def decode(self, ids):
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-    # ---- checkpoints ---------------------------------------------------------------------------
-    def trainable_state_dict(self) -> dict:
-        """Only what trains: the projection, plus LoRA weights or the whole LM when they train."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, sd):
-        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
-        if missing or unexpected:
-            raise BadInput(f"captioner checkpoint does not match this captioner (missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}); rebuild it with the config saved with the checkpoint (proj, lora, "
-                           f"freeze_lm)")
-        with torch.no_grad():
-            for name, p in params.items():
-                if sd[name].shape != p.shape:
-                    raise BadInput(f"captioner checkpoint: {name} has shape {tuple(sd[name].shape)}, the model "
-                                   f"{tuple(p.shape)}; rebuild it with the config saved with the checkpoint")
-                p.copy_(sd[name])

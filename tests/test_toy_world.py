@@ -149,3 +149,48 @@ def test_canonical_left_of_equals_right_of():
     assert not tw.attribute_scores(flipped_axis, left)["relation"]
     # a wrong number of objects gets everything wrong
     assert not any(tw.attribute_scores({"objects": [a], "position": "left"}, left).values())
+
+
+def test_name_memory_folders(tmp_path):
+    from PIL import Image
+
+    from data.judge import judge_image
+
+    out = str(tmp_path / "memory")
+    tw.main(["--memory_dir", out, "--memory_per_name", "3", "--seed", "5"])
+    pairs = [(c, s) for c in tw.COLOURS for s in tw.SHAPES]
+    assert sorted(os.listdir(out)) == sorted(f"{c}_{s}" for c, s in pairs)
+    assert set(tw.HELDOUT) <= set(pairs)  # held-out pairs have folders too
+    bg = np.array(tw.BACKGROUND)
+    for colour, shape in pairs:
+        folder = os.path.join(out, f"{colour}_{shape}")
+        assert tw.name_of(folder) == f"{colour} {shape}"
+        assert sorted(os.listdir(folder)) == ["0.png", "1.png", "2.png"]
+        for name in os.listdir(folder):
+            img = Image.open(os.path.join(folder, name))
+            assert img.size == (tw.IMAGE_SIZE, tw.IMAGE_SIZE) and img.mode == "RGB"
+            px = np.asarray(img).reshape(-1, 3)
+            fg = px[np.abs(px.astype(int) - bg).sum(1) > 0]
+            values, counts = np.unique(fg, axis=0, return_counts=True)
+            assert tuple(values[counts.argmax()]) == tw.COLOURS[colour]  # the fill dominates
+            scene = judge_image(img)  # the judge reads back one object of that colour and shape
+            assert [(o["colour"], o["shape"]) for o in scene["objects"]] == [(colour, shape)]
+    # deterministic per seed; a smaller per_name keeps the first images and drops the rest
+    again = tw.write_name_folders(str(tmp_path / "again"), per_name=3, seed=5)
+    assert digest(out) == digest(str(tmp_path / "again")) and len(again) == len(pairs)
+    tw.write_name_folders(str(tmp_path / "other"), per_name=3, seed=6)
+    assert digest(out) != digest(str(tmp_path / "other"))
+    first = open(os.path.join(out, "red_circle", "0.png"), "rb").read()
+    tw.write_name_folders(out, per_name=1, seed=5)
+    assert os.listdir(os.path.join(out, "red_circle")) == ["0.png"]
+    assert open(os.path.join(out, "red_circle", "0.png"), "rb").read() == first
+    # images of random sizes and positions, not one drawing copied
+    sizes = {judge_image(Image.open(p))["objects"][0]["size"] for p in tw.write_name_folders(
+        str(tmp_path / "many"), 12, 0)["green square"]}
+    assert sizes == {"small", "large"}
+
+
+def test_cli_needs_an_output(capsys):
+    with pytest.raises(SystemExit):
+        tw.main(["--num_train", "3"])
+    assert "--output_dir" in capsys.readouterr().err

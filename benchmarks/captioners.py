@@ -1,0 +1,119 @@
+"""The captioner family side by side on the toy world: the prefix captioner, BLIP from the packaged
+MiniLM and from random init, EVCap with its visual-name memory and with none, all on the same
+stage-1 encoder at the same budget (RUN/captioners/<row> from scripts/captioners.sh). Cells: the
+share of seen and held-out val images whose caption gets every attribute right (data/judge), BLEU-4,
+METEOR, CIDEr-D (pycocoevalcap), trainable parameters, the run's training s/step (summary.json) and
+captions/s of batched beam search here.
+
+    bash scripts/captioners.sh                              # trains the rows, prints the table
+    python -m benchmarks.captioners --run checkpoints/toy   # the table alone
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import common
+import errors
+from data.coco import CocoImageCaptionDataset, image_transform, load_rgb
+
+ROWS = {
+    "prefix": "prefix (psi(z) -> toy LM)",
+    "blip": "BLIP, MiniLM decoder",
+    "blip_random": "BLIP, random-init decoder",
+    "evcap": "EVCap, memory on",
+    "evcap_empty": "EVCap, memory empty",
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", default="checkpoints/toy", help="the toy pipeline's OUT (stage1, data, captioners/)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    p.add_argument("--num_samples", type=int, default=200, help="val images")
+    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--num_beams", type=int, default=3)
+    return p.parse_args(argv)
+
+
+def seconds_per_step(folder):
+    """The run's training time per step, from summary.json (this invocation's epochs)."""
+    with open(os.path.join(folder, "summary.json")) as f:
+        times = json.load(f)["epoch_seconds_and_steps"].values()
+    seconds, steps = sum(t[0] for t in times), sum(t[1] for t in times)
+    return seconds / steps if steps else float("nan")
+
+
+def trainable_parameters(vlv, config):
+    count = sum(p.numel() for p in vlv.captioner.parameters() if p.requires_grad)
+    return count + (sum(p.numel() for p in vlv.encoder.parameters()) if config["finetune_encoder"] else 0)
+
+
+def main(argv=None):
+    from eval_captioning import attribute_accuracy, score_captions
+    args = parse_args(argv)
+    keys = args.rows.split(",")
+    unknown = set(keys) - set(ROWS)
+    if unknown:
+        common.die(f"--rows {','.join(sorted(unknown))}: unknown; the rows are {', '.join(ROWS)}")
+    folders = {k: os.path.join(args.run, "captioners", k) for k in keys}
+    for k, folder in folders.items():
+        if not os.path.isdir(folder):
+            common.die(f"no captioner at {folder}; run scripts/captioners.sh first (OUT={args.run})")
+    dataset = CocoImageCaptionDataset(os.path.join(args.run, "data"), split="val", image_size=32)
+    ids = dataset.image_ids[:args.num_samples]
+    refs = {i: dataset.captions_by_image[i] for i in ids}
+    results = []
+    for key in keys:
+        vlv = common.load_vlv(os.path.join(args.run, "stage1"), folders[key])
+        config = common.load_checkpoint(common.resolve_checkpoint(folders[key], "captioner"), "stage2")["config"]
+        transform = image_transform(vlv.image_size)
+        images = torch.stack([transform(load_rgb(dataset.image_path(i))) for i in ids])
+        preds, seconds = {}, 0.0
+        with torch.no_grad():
+            vlv.caption(images[:2], num_beams=args.num_beams)  # warm-up: first-call allocations not timed
+            for s in range(0, len(ids), args.batch_size):
+                start = time.perf_counter()
+                captions = vlv.caption(images[s:s + args.batch_size], num_beams=args.num_beams)
+                seconds += time.perf_counter() - start
+                preds.update(zip(ids[s:s + args.batch_size], captions))
+        groups = attribute_accuracy(preds, dataset.images_info)
+        scores = score_captions(preds, refs, ["bleu", "meteor", "cider"])
+        result = dict(key=key, seen=groups["seen"]["all"]["accuracy"],
+                      heldout=groups.get("heldout", {}).get("all", {}).get("accuracy", float("nan")),
+                      bleu4=scores["BLEU-4"], meteor=scores["METEOR"], cider=scores["CIDEr-D"],
+                      params=trainable_parameters(vlv, config), step=seconds_per_step(folders[key]),
+                      per_second=len(ids) / seconds)
+        results.append(result)
+        print(f"{ROWS[key]}: seen {result['seen']:.3f}, held-out {result['heldout']:.3f}, "
+              f"CIDEr-D {result['cider']:.3f}", file=sys.stderr, flush=True)
+    print(common.machine_description())
+    n_seen = sum(not dataset.images_info[i].get("heldout") for i in ids)
+    print(f"{len(ids)} toy val images ({n_seen} seen, {len(ids) - n_seen} held-out), beam {args.num_beams}, "
+          f"batch {args.batch_size}")
+    print(common.markdown_table(
+        ["captioner", "seen all-right", "held-out all-right", "BLEU-4", "METEOR", "CIDEr-D", "trainable parameters",
+         "training s/step", "captions/s"],
+        [[ROWS[r["key"]], f"{r['seen']:.3f}", f"{r['heldout']:.3f}", f"{r['bleu4']:.3f}", f"{r['meteor']:.3f}",
+          f"{r['cider']:.3f}", f"{r['params']:,}", f"{r['step']:.2f}", f"{r['per_second']:.1f}"] for r in results]))
+    by = {r["key"]: r for r in results}
+    lines = []
+    if {"blip", "blip_random"} <= by.keys():
+        lines.append(f"BLIP from MiniLM beats random init: {'yes' if by['blip']['seen'] > by['blip_random']['seen'] else 'no'} "
+                     f"({by['blip']['seen']:.3f} vs {by['blip_random']['seen']:.3f} seen)")
+    for k in ("blip", "evcap"):
+        if k in by:
+            lines.append(f"{ROWS[k]} >= 0.95 seen: {'yes' if by[k]['seen'] >= 0.95 else 'no'} ({by[k]['seen']:.3f})")
+    if "evcap" in by:
+        lines.append(f"{ROWS['evcap']} >= 0.5 held-out: {'yes' if by['evcap']['heldout'] >= 0.5 else 'no'} "
+                     f"({by['evcap']['heldout']:.3f})")
+    if lines:
+        print("\ngoals: " + "; ".join(lines))
+    return results
+
+
+if __name__ == "__main__":
+    errors.run(main)

@@ -1,0 +1,244 @@
+"""EVCap-style captioner: Q-Former queries over z, names retrieved from an external visual-name
+memory and fused by name queries, all projected into a causal LM behind a chat prompt.
+
+EVCap (Li et al., CVPR 2024) reads an image as
+
+    encode_img:  32 learnable queries --Q-Former, cross-attending to the image tokens--> q_img [B,32,Hq]
+                 names retrieved from the memory for the image, de-duplicated, at most topn (10)
+                 8 name queries + q_img --fusion Q-Former, the 8 cross-attending to the names--> q_txt [B,8,Hq]
+                 proj(cat(q_img, q_txt)) [B,40,E]            (E: the LM's width)
+    prompt_wrap: [BOS] "###Human: <Img>" [40 image tokens] "</Img> Describe this image in detail. ###Assistant: "
+
+and the LM continues with the caption and its EOS (trained, so generate() stops by itself; EVCap
+stops on "\n" or "."). The image tokens here are z or cond(z) (what the stage-2 captioner reads).
+EVCap keys its memory by the frozen BLIP-2 Q-Former's mean output over images of each name; here
+the keys live in the frozen stage-1 space, the mean of the image's L tokens of z (or cond(z)),
+L2-normalised, one key per memory image (scripts/build_memory.py), so a memory is built once from
+a stage-1 checkpoint and stays valid while the captioner trains. The names reach the fusion
+Q-Former as the LM's own (frozen) token embeddings, the space the projection writes into, so a
+name that no training caption holds is still a known sequence of words (EVCap: BERT embeddings).
+
+By default only the queries and the projection train (EVCap's 3.97M parameters at its size); a
+Q-Former is a fresh small config (the toy world has no pretrained one) or any saved
+Blip2QFormerModel folder. Generation: the prefix captioner's batched, cached
+generate(inputs_embeds=...) (every prefix has the same length), not EVCap's batch-1 beam search.
+"""
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from errors import BadInput
+from models.emb_to_caption import EmbToCaption, _load_lm
+
+PROMPT = "###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: "
+IMAGE_SLOT = "<ImageHere>"
+
+
+# ---- the visual-name memory ---------------------------------------------------------------------
+def memory_key(x):
+    """x [B,L,D] (z or cond(z)) -> [B,D]: the memory's key space, the L2-normalised token mean."""
+    return F.normalize(x.float().mean(dim=1), dim=-1)
+
+
+def memory_paths(path):
+    """memory.safetensors -> (it, memory.json beside it)."""
+    stem = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
+    return stem + ".safetensors", stem + ".json"
+
+
+def load_memory(path):
+    """-> (keys [M,D] float32, names [M], info dict) of a memory written by scripts/build_memory.py."""
+    from safetensors.torch import load_file
+    keys_path, names_path = memory_paths(path)
+    hint = "build one with `python scripts/build_memory.py --stage1_ckpt ... --images_dir DIR --out PATH`"
+    for p in (keys_path, names_path):
+        if not os.path.isfile(p):
+            raise BadInput(f"--memory {path}: {p} does not exist; {hint}")
+    try:
+        keys = load_file(keys_path)["keys"].float()
+        with open(names_path) as f:
+            info = json.load(f)
+        names = info["names"]
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise BadInput(f"--memory {path}: not a visual-name memory ({type(e).__name__}: {e}); {hint}") from None
+    if keys.dim() != 2 or len(names) != keys.shape[0]:
+        raise BadInput(f"--memory {path}: {keys.shape[0] if keys.dim() else 0} keys but {len(names)} names; {hint}")
+    return keys, names, info
+
+
+class NameMemory(nn.Module):
+    """Names and their keys; retrieve() gives each image its nearest names by cosine similarity."""
+
+    def __init__(self, keys=None, names=(), topn=10, search_k=32, backend="torch", info=None):
+        super().__init__()
+        self.info = info or {}  # what build_memory.py recorded: space, stage-1 checkpoint and fingerprint
+        if backend not in ("torch", "faiss"):
+            raise BadInput(f"memory backend {backend!r}: use 'torch' or 'faiss'")
+        keys = torch.zeros(0, 1) if keys is None else F.normalize(keys.float(), dim=-1)
+        self.register_buffer("keys", keys, persistent=False)  # the memory file holds them
+        self.names, self.topn, self.search_k, self.backend = list(names), topn, search_k, backend
+        self._index = None
+        if backend == "faiss" and len(self.names):
+            try:
+                import faiss
+            except ImportError:
+                raise BadInput("memory backend faiss: faiss is not installed; `pip install faiss-cpu`, or use "
+                               "the torch backend (the default)") from None
+            self._index = faiss.IndexFlatIP(keys.shape[1])  # inner product of unit vectors = cosine
+            self._index.add(keys.numpy())
+
+    def __len__(self):
+        return len(self.names)
+
+    @torch.no_grad()
+    def retrieve(self, x):
+        """x [B,L,D] -> per image, up to topn names, most similar first, each once (EVCap searches
+        more neighbours than it keeps, since several keys may share a name)."""
+        if not len(self.names):
+            return [[] for _ in range(x.shape[0])]
+        query = memory_key(x)
+        if query.shape[1] != self.keys.shape[1]:
+            raise BadInput(f"the memory's keys are {self.keys.shape[1]} wide, the captioner's input {query.shape[1]}; "
+                           f"build the memory from the same stage-1 encoder and --prefix_source")
+        k = min(self.search_k, len(self.names))
+        if self._index is not None:
+            _, index = self._index.search(query.cpu().numpy(), k)
+            index = torch.from_numpy(index)
+        else:
+            index = (query @ self.keys.T).topk(k, dim=1).indices.cpu()   # [B,k], most similar first
+        out = []
+        for row in index.tolist():
+            names = list(dict.fromkeys(self.names[i] for i in row))      # de-duplicated, order kept
+            out.append(names[:self.topn])
+        return out
+
+
+# ---- the captioner ------------------------------------------------------------------------------
+def qformer_config(hidden, layers, heads, encoder_width, text_input=False):
+    """A BLIP-2 Q-Former config (cross-attention every 2nd layer, as BLIP-2's)."""
+    from transformers import Blip2QFormerConfig
+    return Blip2QFormerConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                              intermediate_size=4 * hidden, encoder_hidden_size=encoder_width,
+                              cross_attention_frequency=2, use_qformer_text_input=text_input)
+
+
+class EVCap(EmbToCaption):
+    """z [B,L,D] -> caption: encode_img (Q-Former, memory, fusion, projection), prompt_wrap, the LM.
+    The LM, tokenizer, EOS handling, loss and generate() are the prefix captioner's."""
+
+    kind = "evcap"
+
+    def __init__(self, lm, tokenizer, config, qformer, fusion, memory):
+        super().__init__(lm, tokenizer, dict(config, proj="linear"), proj_in=qformer.config.hidden_size)
+        self.config = config
+        self.qformer, self.fusion, self.memory = qformer, fusion, memory
+        hidden = qformer.config.hidden_size
+        self.query_tokens = nn.Parameter(torch.randn(1, config["num_query_tokens"], hidden) * 0.02)
+        self.name_queries = nn.Parameter(torch.randn(1, config["num_name_queries"], hidden) * 0.02)
+        before, after = config["prompt"].split(IMAGE_SLOT)
+        ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.prompt_ids = ([self.bos_id] if self.bos_id is not None else []) + ids(before), ids(after)
+        self.prefix_positions = (len(self.prompt_ids[0]) + config["num_query_tokens"] + config["num_name_queries"]
+                                 + len(self.prompt_ids[1]))
+
+    @classmethod
+    def from_pretrained(cls, llm, prefix_len, prefix_dim, memory=None, qformer=None, qformer_hidden=768,
+                        qformer_layers=12, qformer_heads=12, num_query_tokens=32, num_name_queries=8, topn=10,
+                        search_k=32, memory_backend="torch", freeze_qformer=True, freeze_lm=True, prompt=PROMPT,
+                        memory_fingerprint=None, dtype=torch.float32) -> "EVCap":
+        """llm: a causal LM (hub id or folder). memory: a build_memory.py file or None (no names);
+        memory_fingerprint, when given, must be its fingerprint (a checkpoint's config records it).
+        qformer: a saved Blip2QFormerModel folder, or None for a fresh one of qformer_hidden/layers/
+        heads. freeze_qformer=False trains both Q-Formers; freeze_lm=False the LM."""
+        from transformers import Blip2QFormerModel
+        if prompt.count(IMAGE_SLOT) != 1:
+            raise BadInput(f"prompt {prompt!r} must hold {IMAGE_SLOT} once: where the image tokens go")
+        lm, tokenizer = _load_lm(llm, dtype)
+        width = lm.get_input_embeddings().embedding_dim
+        if qformer is None:
+            image_qformer = Blip2QFormerModel(qformer_config(qformer_hidden, qformer_layers, qformer_heads, prefix_dim))
+        else:
+            try:
+                image_qformer = Blip2QFormerModel.from_pretrained(qformer)
+            except (OSError, ValueError) as e:
+                raise BadInput(f"--qformer {qformer}: not a saved Blip2QFormerModel ({str(e).splitlines()[0]}); pass "
+                               f"its folder or leave --qformer out for a fresh one") from None
+            if image_qformer.config.encoder_hidden_size != prefix_dim:
+                raise BadInput(f"--qformer {qformer} reads {image_qformer.config.encoder_hidden_size}-wide image tokens; "
+                               f"the captioner's input is {prefix_dim} wide")
+        c = image_qformer.config
+        # EVCap's fusion Q-Former is its own (frozen) module: the same shape, reading the names.
+        fusion = Blip2QFormerModel(qformer_config(c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+                                                  width, text_input=True))
+        keys, names, info = load_memory(memory) if memory else (None, (), {})
+        if memory_fingerprint and info.get("fingerprint") != memory_fingerprint:
+            raise BadInput(f"memory {memory} is not the one this captioner was trained with (its keys or names "
+                           f"changed since); rebuild that memory or retrain the captioner")
+        config = dict(llm=llm, prefix_len=prefix_len, prefix_dim=prefix_dim, memory=memory,
+                      memory_fingerprint=info.get("fingerprint"), qformer=qformer, qformer_hidden=c.hidden_size,
+                      qformer_layers=c.num_hidden_layers, qformer_heads=c.num_attention_heads,
+                      num_query_tokens=num_query_tokens, num_name_queries=num_name_queries, topn=topn,
+                      search_k=search_k, memory_backend=memory_backend, freeze_qformer=freeze_qformer,
+                      freeze_lm=freeze_lm, prompt=prompt)
+        names = NameMemory(keys, names, topn, search_k, memory_backend, info)
+        model = cls(lm, tokenizer, config, image_qformer, fusion, names)
+        lm.requires_grad_(not freeze_lm)
+        image_qformer.requires_grad_(not freeze_qformer)
+        fusion.requires_grad_(not freeze_qformer)
+        return model
+
+    def saved_parameters(self):
+        """The trained parameters, and the Q-Formers when they are freshly initialised: frozen, but
+        no file but the checkpoint holds them (EVCap's own fusion Q-Former is reproducible only by
+        its seed)."""
+        fresh = ("fusion.",) + (("qformer.",) if self.config["qformer"] is None else ())
+        return {name: p for name, p in self.named_parameters() if p.requires_grad or name.startswith(fresh)}
+
+    # ---- EVCap's two steps ------------------------------------------------------------------
+    def name_embeds(self, names):
+        """[[name, ...]] per image -> (the LM's embeddings of "name, name, ..." [B,T,E], mask [B,T]).
+        An image with no names (an empty memory) reads one EOS embedding: the fusion Q-Former's
+        cross-attention needs a key."""
+        ids = [self.tokenizer(", ".join(n), add_special_tokens=False)["input_ids"] or [self.eos_id] for n in names]
+        T = max(len(x) for x in ids)
+        device = self.query_tokens.device
+        tokens = torch.tensor([x + [self.pad_id] * (T - len(x)) for x in ids], device=device)
+        mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids], device=device)
+        with torch.no_grad():  # a fixed lookup, as EVCap's frozen text embeddings
+            return self.embed_tokens(tokens), mask
+
+    def encode_img(self, z):
+        """z [B,L,D] -> (the image's 40 LM-width tokens [B,Q+N,E], their attention mask [B,Q+N])."""
+        if z.dim() != 3 or z.shape[1:] != (self.config["prefix_len"], self.config["prefix_dim"]):
+            raise ValueError(f"z has shape {tuple(z.shape)}; expected [B, {self.config['prefix_len']}, "
+                             f"{self.config['prefix_dim']}]")
+        B = z.shape[0]
+        q_img = self.qformer(query_embeds=self.query_tokens.expand(B, -1, -1),
+                             encoder_hidden_states=z).last_hidden_state            # [B,32,Hq]
+        names, name_mask = self.name_embeds(self.memory.retrieve(z))                # [B,T,E]
+        stream = torch.cat([self.name_queries.expand(B, -1, -1), q_img], dim=1)    # [B,8+32,Hq]
+        q_txt = self.fusion(query_embeds=stream, query_length=self.config["num_name_queries"],
+                            encoder_hidden_states=names,
+                            # [B,1,1,T]: broadcast over the 8 queries that cross-attend (a 2D mask
+                            # is expanded to all 40 rows of the stream and no longer fits them)
+                            encoder_attention_mask=name_mask[:, None, None, :].bool()
+                            ).last_hidden_state[:, :self.config["num_name_queries"]]  # [B,8,Hq]
+        embeds = self.proj(torch.cat([q_img, q_txt], dim=1).to(self.proj_dtype))   # [B,40,E]
+        return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=z.device)
+
+    def prompt_wrap(self, img_embeds, atts_img):
+        """[B,Q,E] -> [B,P,E]: the image tokens inside the prompt, in the LM's dtype. One prompt,
+        so every row has the same length (no padding; atts_img stays all ones)."""
+        weight = self.lm.get_input_embeddings().weight
+        B, device = img_embeds.shape[0], img_embeds.device
+        before, after = (self.embed_tokens(torch.tensor(ids, device=device)).expand(B, -1, -1)
+                         for ids in self.prompt_ids)
+        return torch.cat([before, img_embeds.to(weight.dtype), after], dim=1)
+
+    def prefix_embeds(self, z):
+        """z [B,L,D] -> the LM's input before the caption [B,P,E] (what the prefix captioner's
+        loss and generate() read)."""
+        return self.prompt_wrap(*self.encode_img(z))

