@@ -127,9 +127,14 @@ def parse_args(argv=None):
     if args.captioner == "evcap":
         if not args.memory:
             common.die("--captioner evcap needs --memory: a file of scripts/build_memory.py, or 'none' for no names")
-        if args.finetune_encoder:
+        if args.finetune_encoder or args.reinit_encoder:
             common.die("--captioner evcap retrieves names by the stage-1 encoder's z, which its memory was built from: "
-                       "drop --finetune_encoder (--no-finetune_encoder turns off a preset's)")
+                       "drop --finetune_encoder and --reinit_encoder (--no-finetune_encoder turns off a preset's)")
+        if args.text_only:
+            common.die("--captioner evcap keys its memory by images' embeddings; --text_only trains on captions' "
+                       "(another space): use --captioner prefix or blip")
+        if args.lora:
+            common.die("--lora is not wired for --captioner evcap; --finetune_lm trains its LM, or leave it frozen")
     if args.prompt is not None and args.captioner == "prefix":
         common.die("--prompt is for --captioner blip and evcap; the prefix captioner reads z alone")
     if args.memory and args.captioner != "evcap":
@@ -199,6 +204,9 @@ def _build_captioner(args, sd, stage1_fingerprint):
                            f"{args.prefix_source}")
         print(f"memory: {len(captioner.memory)} keys, {len(set(captioner.memory.names))} names"
               + (f" ({args.memory})" if memory else " (none)"), flush=True)
+        if not args.finetune_qformer and not args.qformer:
+            print("warning: the Q-Formers are freshly initialised and frozen (EVCap freezes pretrained ones): pass "
+                  "--qformer PATH or --finetune_qformer", flush=True)
         return captioner
     return EmbToCaption.from_pretrained(
         common.local_or_hub(args.llm), **shape, proj=args.proj, freeze_lm=not args.finetune_lm, lora=args.lora,

@@ -27,7 +27,7 @@ PROMPT = "a picture of "
 
 
 def _load_decoder(text_decoder, init, dtype):
-    """-> (BertLMHeadModel with cross-attention, tokenizer, (tensors loaded, tensors new))."""
+    """-> (BertLMHeadModel with cross-attention, tokenizer, (tensors loaded, tensors new), their names)."""
     from transformers import AutoConfig, AutoTokenizer, BertLMHeadModel
     from transformers.utils import logging as hf_logging
     try:
@@ -55,7 +55,7 @@ def _load_decoder(text_decoder, init, dtype):
     finally:
         hf_logging.set_verbosity(verbosity)
     loaded = [name for name in decoder.state_dict() if name not in new]
-    return decoder, tokenizer, (len(loaded), len(decoder.state_dict()) - len(loaded))
+    return decoder, tokenizer, (len(loaded), len(decoder.state_dict()) - len(loaded)), new
 
 
 class BlipCaptioner(Captioner):
@@ -82,17 +82,21 @@ class BlipCaptioner(Captioner):
     def from_pretrained(cls, text_decoder, prefix_len, prefix_dim, init="pretrained", freeze_lm=False,
                         prompt=PROMPT, label_smoothing=0.1, dtype=torch.float32) -> "BlipCaptioner":
         """text_decoder: a BERT folder or hub id. init="pretrained" loads its weights (the
-        cross-attention layers and the LM head's transform start fresh); "random" only its shapes.
-        freeze_lm=True trains the cross-attention layers and the memory's norm and projection
-        only; False the whole decoder (BLIP's recipe)."""
+        cross-attention layers, and an LM head the folder lacks, start fresh); "random" only its
+        shapes. freeze_lm=True keeps the loaded BERT weights fixed and trains what is fresh (the
+        cross-attention layers, the head's transform when new) and the memory's norm and
+        projection; False the whole decoder (BLIP's recipe)."""
         if init not in ("pretrained", "random"):
             raise BadInput(f"init={init!r}: use 'pretrained' or 'random'")
-        decoder, tokenizer, report = _load_decoder(text_decoder, init, dtype)
+        if init == "random" and freeze_lm:
+            raise BadInput("a randomly initialised BERT decoder has nothing to keep frozen: train it whole "
+                           "(--finetune_lm)")
+        decoder, tokenizer, report, new = _load_decoder(text_decoder, init, dtype)
         config = dict(text_decoder=text_decoder, prefix_len=prefix_len, prefix_dim=prefix_dim, init=init,
                       freeze_lm=freeze_lm, prompt=prompt, label_smoothing=label_smoothing)
-        if freeze_lm:
+        if freeze_lm:  # what is fresh must train: no file but the checkpoint would hold it
             for name, p in decoder.named_parameters():
-                p.requires_grad_(".crossattention." in name)
+                p.requires_grad_(".crossattention." in name or name in new)
         return cls(decoder, tokenizer, config, report)
 
     # ---- inputs -------------------------------------------------------------------------------

@@ -117,6 +117,13 @@ class NameMemory(nn.Module):
 
 
 # ---- the captioner ------------------------------------------------------------------------------
+def additive_mask(mask, dtype):
+    """[B,T] 1 = attend -> [B,1,1,T]: 0 where attended, the dtype's minimum where not (what both the
+    eager and the SDPA attention of transformers add to the scores)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+
+
 def qformer_config(hidden, layers, heads, encoder_width, text_input=False):
     """A BLIP-2 Q-Former config (cross-attention every 2nd layer, as BLIP-2's)."""
     from transformers import Blip2QFormerConfig
@@ -138,9 +145,7 @@ class EVCap(EmbToCaption):
         hidden = qformer.config.hidden_size
         self.query_tokens = nn.Parameter(torch.randn(1, config["num_query_tokens"], hidden) * 0.02)
         self.name_queries = nn.Parameter(torch.randn(1, config["num_name_queries"], hidden) * 0.02)
-        before, after = config["prompt"].split(IMAGE_SLOT)
-        ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-        self.prompt_ids = ([self.bos_id] if self.bos_id is not None else []) + ids(before), ids(after)
+        self.prompt_ids = self.split_prompt(config["prompt"])
         self.prefix_positions = (len(self.prompt_ids[0]) + config["num_query_tokens"] + config["num_name_queries"]
                                  + len(self.prompt_ids[1]))
 
@@ -156,16 +161,25 @@ class EVCap(EmbToCaption):
         from transformers import Blip2QFormerModel
         if prompt.count(IMAGE_SLOT) != 1:
             raise BadInput(f"prompt {prompt!r} must hold {IMAGE_SLOT} once: where the image tokens go")
+        if min(num_query_tokens, num_name_queries, topn, search_k) < 1:
+            raise BadInput("num_query_tokens, num_name_queries, topn and search_k must be 1 or more")
+        if qformer is None and qformer_hidden % qformer_heads:
+            raise BadInput(f"qformer_hidden {qformer_hidden} is not a multiple of qformer_heads {qformer_heads}")
         lm, tokenizer = _load_lm(llm, dtype)
         width = lm.get_input_embeddings().embedding_dim
         if qformer is None:
             image_qformer = Blip2QFormerModel(qformer_config(qformer_hidden, qformer_layers, qformer_heads, prefix_dim))
         else:
             try:
-                image_qformer = Blip2QFormerModel.from_pretrained(qformer)
+                image_qformer, info = Blip2QFormerModel.from_pretrained(qformer, output_loading_info=True)
             except (OSError, ValueError) as e:
-                raise BadInput(f"--qformer {qformer}: not a saved Blip2QFormerModel ({str(e).splitlines()[0]}); pass "
-                               f"its folder or leave --qformer out for a fresh one") from None
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BadInput(f"--qformer {qformer}: not a saved Blip2QFormerModel ({reason}); pass its folder or "
+                               f"leave --qformer out for a fresh one") from None
+            if info["missing_keys"]:  # e.g. a whole BLIP-2 folder, whose keys sit under qformer.
+                raise BadInput(f"--qformer {qformer}: {len(info['missing_keys'])} Q-Former weights are not in it (e.g. "
+                               f"{sorted(info['missing_keys'])[0]}); save the Q-Former alone (blip2.qformer."
+                               f"save_pretrained(DIR)) and pass DIR")
             if image_qformer.config.encoder_hidden_size != prefix_dim:
                 raise BadInput(f"--qformer {qformer} reads {image_qformer.config.encoder_hidden_size}-wide image tokens; "
                                f"the captioner's input is {prefix_dim} wide")
@@ -222,23 +236,33 @@ class EVCap(EmbToCaption):
         stream = torch.cat([self.name_queries.expand(B, -1, -1), q_img], dim=1)    # [B,8+32,Hq]
         q_txt = self.fusion(query_embeds=stream, query_length=self.config["num_name_queries"],
                             encoder_hidden_states=names,
-                            # [B,1,1,T]: broadcast over the 8 queries that cross-attend (a 2D mask
-                            # is expanded to all 40 rows of the stream and no longer fits them)
-                            encoder_attention_mask=name_mask[:, None, None, :].bool()
+                            # [B,1,1,T], additive: broadcast over the 8 queries that cross-attend (a
+                            # 2D mask is expanded to all 40 rows of the stream and no longer fits)
+                            encoder_attention_mask=additive_mask(name_mask, stream.dtype)
                             ).last_hidden_state[:, :self.config["num_name_queries"]]  # [B,8,Hq]
         embeds = self.proj(torch.cat([q_img, q_txt], dim=1).to(self.proj_dtype))   # [B,40,E]
         return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=z.device)
 
-    def prompt_wrap(self, img_embeds, atts_img):
-        """[B,Q,E] -> [B,P,E]: the image tokens inside the prompt, in the LM's dtype. One prompt,
-        so every row has the same length (no padding; atts_img stays all ones)."""
+    def prompt_wrap(self, img_embeds, atts_img, prompt=None):
+        """EVCap's: the image tokens [B,Q,E] inside the prompt (default the config's; one text for
+        every row, so no padding) -> (embeds [B,P,E] in the LM's dtype, attention mask [B,P]).
+        The BOS token, when the LM has one, opens the prompt (EVCap prepends it in forward)."""
         weight = self.lm.get_input_embeddings().weight
         B, device = img_embeds.shape[0], img_embeds.device
-        before, after = (self.embed_tokens(torch.tensor(ids, device=device)).expand(B, -1, -1)
-                         for ids in self.prompt_ids)
-        return torch.cat([before, img_embeds.to(weight.dtype), after], dim=1)
+        ids = self.prompt_ids if prompt is None else self.split_prompt(prompt)
+        before, after = (self.embed_tokens(torch.tensor(x, dtype=torch.long, device=device)).expand(B, -1, -1)
+                         for x in ids)
+        embeds = torch.cat([before, img_embeds.to(weight.dtype), after], dim=1)
+        atts = torch.cat([atts_img.new_ones(B, before.shape[1]), atts_img, atts_img.new_ones(B, after.shape[1])], dim=1)
+        return embeds, atts
+
+    def split_prompt(self, prompt):
+        """-> (BOS + ids of the text before <ImageHere>, ids of the text after it)."""
+        before, after = prompt.split(IMAGE_SLOT)
+        ids = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
+        return ([self.bos_id] if self.bos_id is not None else []) + ids(before), ids(after)
 
     def prefix_embeds(self, z):
         """z [B,L,D] -> the LM's input before the caption [B,P,E] (what the prefix captioner's
-        loss and generate() read)."""
-        return self.prompt_wrap(*self.encode_img(z))
+        loss and generate() read; every row has the same length, so the mask is all ones)."""
+        return self.prompt_wrap(*self.encode_img(z))[0]

@@ -11,7 +11,7 @@ import torch
 import common
 import infer
 import train_stage2
-from conftest import argv_of, save_tiny_llama
+from conftest import argv_of, needs_java, save_tiny_llama
 from errors import BadInput
 
 MINILM = common.MINILM
@@ -100,6 +100,46 @@ def test_blip_prompt_is_masked_and_cut_at_the_token_level(blip):
 
 
 @needs_minilm
+def test_blip_labels_sit_after_the_prompt():
+    """token_nll's t-th column is -log p(caption token t | [CLS] a picture of, tokens before t), as
+    computed here by hand from the decoder's logits; its first, from the prompt alone."""
+    from models.blip import BlipCaptioner
+    torch.manual_seed(0)
+    captioner = BlipCaptioner.from_pretrained(MINILM, prefix_len=4, prefix_dim=8).eval()
+    z = torch.randn(1, 4, 8)
+    nll, _ = captioner.token_nll(z, CAPTIONS[:1])
+    caption = captioner.tokenize(CAPTIONS[:1])[0]
+    P, memory = len(captioner.prompt_ids), captioner.memory(z)
+    with torch.no_grad():
+        full = captioner.decoder(input_ids=torch.tensor([captioner.prompt_ids + caption]),
+                                 encoder_hidden_states=memory).logits[0]
+        prompt_only = captioner.decoder(input_ids=torch.tensor([captioner.prompt_ids]),
+                                        encoder_hidden_states=memory).logits[0, -1]
+    by_hand = torch.stack([-torch.log_softmax(full[P - 1 + t], -1)[tok] for t, tok in enumerate(caption)])
+    torch.testing.assert_close(nll[0], by_hand, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(nll[0, 0], -torch.log_softmax(prompt_only, -1)[caption[0]], rtol=1e-4, atol=1e-4)
+
+
+@needs_minilm
+def test_blip_with_a_frozen_bert_reloads_to_the_same_model():
+    """--captioner blip without --finetune_lm: what is fresh (cross-attention, the head's transform)
+    trains and is saved, so a rebuilt captioner with the checkpoint's weights scores the same."""
+    from models.blip import BlipCaptioner
+    torch.manual_seed(0)
+    a = BlipCaptioner.from_pretrained(MINILM, prefix_len=4, prefix_dim=8, freeze_lm=True)
+    assert not a.decoder.bert.encoder.layer[0].attention.self.query.weight.requires_grad
+    assert a.decoder.cls.predictions.transform.dense.weight.requires_grad
+    torch.manual_seed(1)
+    b = BlipCaptioner.from_pretrained(MINILM, prefix_len=4, prefix_dim=8, freeze_lm=True)
+    b.load_trainable_state_dict(a.trainable_state_dict())
+    z = torch.randn(2, 4, 8)
+    a.eval(), b.eval()
+    torch.testing.assert_close(a.token_nll(z, CAPTIONS[:2])[0], b.token_nll(z, CAPTIONS[:2])[0], rtol=0, atol=0)
+    with pytest.raises(BadInput, match="nothing to keep frozen"):
+        BlipCaptioner.from_pretrained(MINILM, prefix_len=4, prefix_dim=8, init="random", freeze_lm=True)
+
+
+@needs_minilm
 def test_minilm_weights_load_into_the_decoder():
     from safetensors.torch import load_file
 
@@ -143,7 +183,7 @@ def world(tiny_world, tmp_path_factory):
     return dict(tiny_world, names=folders, memory=memory, root=root)
 
 
-def test_built_memory_retrieves_the_name_of_its_images(world):
+def test_built_memory_retrieves_the_names_of_its_own_images(world):
     from data.coco import image_transform, read_pixels
     from models.evcap import NameMemory, load_memory
     keys, names, info = load_memory(world["memory"])
@@ -228,8 +268,11 @@ def test_stage2_refuses_bad_captioner_flags(world, tmp_path):
         train_stage2.main(stage2_argv(world, out, captioner="blip"))
     with pytest.raises(BadInput, match="--captioner evcap needs --memory"):
         train_stage2.main(stage2_argv(world, out, captioner="evcap"))
-    with pytest.raises(BadInput, match="drop --finetune_encoder"):
-        train_stage2.main(stage2_argv(world, out, captioner="evcap", memory="none", finetune_encoder=True))
+    for flag in ("finetune_encoder", "reinit_encoder"):
+        with pytest.raises(BadInput, match="drop --finetune_encoder and --reinit_encoder"):
+            train_stage2.main(stage2_argv(world, out, captioner="evcap", memory="none", **{flag: True}))
+    with pytest.raises(BadInput, match="--text_only trains on captions"):
+        train_stage2.main(stage2_argv(world, out, captioner="evcap", memory="none", text_only=True))
     with pytest.raises(BadInput, match="was built from .* in the space of cond; this captioner reads cond of"):
         train_stage2.main(stage2_argv(world, out, captioner="evcap", memory=world["memory"],
                                       stage1_ckpt=world["other1"]))
@@ -241,3 +284,38 @@ def test_seed_flag_names_are_aliases():
     args = train_stage2.build_parser().parse_args(["--stage1_ckpt", "x", "--output_dir", "o", "--grad_clip", "0.5",
                                                    "--log_freq", "7", "--mixed_precision", "no", "--use_amp"])
     assert (args.max_grad_norm, args.log_every, args.mixed_precision) == (0.5, 7, "auto")
+
+
+@needs_java
+def test_captioner_benchmark_table(world, runs, tmp_path, capsys):
+    from benchmarks import captioners
+    run = tmp_path / "run"
+    (run / "captioners").mkdir(parents=True)
+    os.symlink(world["stage1"], run / "stage1")
+    os.symlink(world["data"], run / "data")
+    rows = {"prefix": world["stage2"], **runs}
+    for name, folder in rows.items():
+        os.symlink(folder, run / "captioners" / name)
+    results = captioners.main(["--run", str(run), "--rows", ",".join(rows), "--num_samples", "6", "--batch_size", "4"])
+    out = capsys.readouterr().out
+    assert [r["key"] for r in results] == list(rows)
+    assert all(0 <= r["seen"] <= 1 and r["params"] > 0 and r["step"] > 0 for r in results)
+    assert all(captioners.ROWS[k] in out for k in rows) and "trainable parameters" in out
+    with pytest.raises(BadInput, match="no captioner at"):
+        captioners.main(["--run", str(run), "--rows", "blip_random"])
+
+
+def test_evcap_prompt_wrap_and_bad_settings(evcap):
+    from models.evcap import EVCap
+    captioner, z, _, _ = evcap
+    embeds, atts = captioner.encode_img(z)
+    assert embeds.shape[:2] == atts.shape == (3, 4 + 2)  # 4 image queries + 2 name queries
+    wrapped, mask = captioner.prompt_wrap(embeds, atts, "<ImageHere>")  # no text around the slot: BOS + the tokens
+    assert wrapped.shape[1] == mask.shape[1] == 1 + 6 and bool(mask.all())
+    torch.testing.assert_close(wrapped[:, 1:], embeds)
+    llm = captioner.config["llm"]
+    for bad, match in [(dict(num_query_tokens=0), "must be 1 or more"), (dict(qformer_heads=5), "not a multiple"),
+                       (dict(prompt="no slot"), "must hold <ImageHere> once")]:
+        with pytest.raises(BadInput, match=match):
+            EVCap.from_pretrained(llm, prefix_len=4, prefix_dim=8, qformer_hidden=16, qformer_layers=2,
+                                  **{"qformer_heads": 2, **bad})
