@@ -319,3 +319,26 @@ def test_evcap_prompt_wrap_and_bad_settings(evcap):
         with pytest.raises(BadInput, match=match):
             EVCap.from_pretrained(llm, prefix_len=4, prefix_dim=8, qformer_hidden=16, qformer_layers=2,
                                   **{"qformer_heads": 2, **bad})
+
+
+@needs_minilm
+def test_blip_trains_on_flickr30k_captions(world, tmp_path):
+    """The seed's `--captioner blip --data_format flickr30k`: Kaggle's captions.txt beside Images/."""
+    import csv
+    import shutil
+    root = tmp_path / "flickr30k"
+    (root / "Images").mkdir(parents=True)
+    coco = json.load(open(os.path.join(world["data"], "annotations", "captions_train2017.json")))
+    names = {im["id"]: im["file_name"] for im in coco["images"][:8]}
+    with open(root / "captions.txt", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image", "caption"])
+        for a in coco["annotations"]:
+            if a["image_id"] in names:
+                out.writerow([names[a["image_id"]], a["caption"]])
+    for name in names.values():
+        shutil.copy(os.path.join(world["data"], "train2017", name), root / "Images" / name)
+    out_dir = str(tmp_path / "blip")
+    assert train_stage2.main(stage2_argv(world, out_dir, data_dir=str(root), data_format="flickr30k",
+                                         **CAPTIONER_FLAGS["blip"])) == 2
+    assert json.load(open(os.path.join(out_dir, "args.json")))["data_format"] == "flickr30k"
