@@ -3,9 +3,12 @@
 The stage-1 vision encoder E gives z (frozen unless --finetune_encoder); z (or cond(z), the frozen
 SD text encoder's output, as in the paper) is projected into a causal LM's input embeddings and
 the LM is taught the image's caption (teacher forcing, end token trained). The LM is frozen by
-default; --lora adapts it with peft, --finetune_lm trains it whole.
+default; --lora adapts it with peft, --finetune_lm trains it whole. --captioner blip reads z through
+a BERT decoder's cross-attention (models/blip.py), --captioner evcap through Q-Former queries and a
+visual-name memory (models/evcap.py); the checkpoint's config says which, for infer and eval.
 
     python train_stage2.py --preset toy --stage1_ckpt checkpoints/toy/stage1 --output_dir checkpoints/toy/stage2
+    python train_stage2.py --preset toy --captioner blip --stage1_ckpt checkpoints/toy/stage1 --output_dir checkpoints/toy/blip
     python train_stage2.py --stage1_ckpt checkpoints/stage1/vision_encoder_3000.pt --data_dir data/coco2017 \
         --llm distilgpt2 --epochs 3 --batch_size 8 --lr 5e-5 --output_dir checkpoints/stage2
 """
