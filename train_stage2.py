@@ -42,7 +42,8 @@ def build_parser():
                         "to z (models/blip.py); evcap: Q-Former queries + a visual-name memory into a causal LM "
                         "(models/evcap.py)")
     g.add_argument("--llm", default="distilgpt2", help="prefix, evcap: any causal LM, hub id or local HF folder")
-    g.add_argument("--proj", default="mlp", choices=["mlp", "linear"], help="projection psi of z")
+    g.add_argument("--proj", default=None, choices=["mlp", "linear"],
+                   help="prefix: the projection psi of z (default mlp; evcap's is linear, blip's a LayerNorm + linear)")
     g.add_argument("--prefix_source", default="cond", choices=["cond", "z"],
                    help="cond: the SD text encoder's output cond(z) (the paper); z: z itself")
     g.add_argument("--finetune_encoder", action=argparse.BooleanOptionalAction, default=False,
@@ -138,6 +139,9 @@ def parse_args(argv=None):
                        "(another space): use --captioner prefix or blip")
         if args.lora:
             common.die("--lora is not wired for --captioner evcap; --finetune_lm trains its LM, or leave it frozen")
+    if args.proj is not None and args.captioner != "prefix":
+        common.die(f"--proj is the prefix captioner's projection; --captioner {args.captioner} has its own: drop it")
+    args.proj = args.proj or "mlp"
     if args.prompt is not None and args.captioner == "prefix":
         common.die("--prompt is for --captioner blip and evcap; the prefix captioner reads z alone")
     if args.memory and args.captioner != "evcap":

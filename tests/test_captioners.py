@@ -276,6 +276,8 @@ def test_stage2_refuses_bad_captioner_flags(world, tmp_path):
     with pytest.raises(BadInput, match="was built from .* in the space of cond; this captioner reads cond of"):
         train_stage2.main(stage2_argv(world, out, captioner="evcap", memory=world["memory"],
                                       stage1_ckpt=world["other1"]))
+    with pytest.raises(BadInput, match="--proj is the prefix captioner's projection"):
+        train_stage2.main(stage2_argv(world, out, captioner="evcap", memory="none", proj="linear"))
     with pytest.raises(BadInput, match="is a 'gpt2' model; the BLIP captioner needs a BERT"):
         train_stage2.main(stage2_argv(world, out, captioner="blip", text_decoder=world["gpt2"]))
 
