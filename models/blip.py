@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import BadInput
-from models.emb_to_caption import MAX_CAPTION_TOKENS, Captioner
+from models.emb_to_caption import MAX_CAPTION_TOKENS, Captioner, pad_ids
 
 PROMPT = "a picture of "
 
@@ -122,9 +122,8 @@ class BlipCaptioner(Captioner):
         if groups is not None:
             memory = memory[groups.to(z.device)]                         # [N,L,H]
         ids = self.tokenize(captions)
-        N, P, T = len(ids), len(self.prompt_ids), max(len(x) for x in ids)
-        tokens = torch.tensor([x + [self.pad_id] * (T - len(x)) for x in ids], device=z.device)
-        token_mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids], device=z.device)
+        tokens, token_mask = pad_ids(ids, self.pad_id, z.device)
+        N, P = len(ids), len(self.prompt_ids)
         prompt = torch.tensor(self.prompt_ids, device=z.device).expand(N, P)
         input_ids = torch.cat([prompt, tokens], dim=1)                   # [N,P+T]
         attention_mask = torch.cat([torch.ones_like(prompt), token_mask], dim=1)
@@ -162,6 +161,3 @@ class BlipCaptioner(Captioner):
         finally:
             self.train(was_training)
         return self.decode(out[:, P:])  # the prompt cut at the token level (the seed's bug 4)
-
-    def decode(self, ids):
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

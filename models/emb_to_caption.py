@@ -82,6 +82,15 @@ def best_in_group(scores, groups):
     return keep
 
 
+def pad_ids(ids, pad_id, device):
+    """Token-id lists -> (ids right-padded with pad_id [N,T], mask [N,T], 1 on real tokens). Padded
+    in Python and made one tensor, not one small copy per row (192 a toy stage-2 step)."""
+    T = max(len(x) for x in ids)
+    tokens = torch.tensor([x + [pad_id] * (T - len(x)) for x in ids], device=device)
+    mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids], device=device)
+    return tokens, mask
+
+
 def flatten_references(refs):
     """[[caption, ...] for each image] -> (captions, groups): every caption in one list, and the
     LongTensor [N] of the image each belongs to (the groups of EmbToCaption.forward)."""
@@ -157,6 +166,9 @@ class Captioner(nn.Module):
         if d["do_sample"]:
             kwargs.update(top_p=d["top_p"], temperature=d["temperature"], top_k=0)
         return kwargs
+
+    def decode(self, ids):
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def saved_parameters(self) -> dict:
@@ -277,10 +289,8 @@ class EmbToCaption(Captioner):
         keys and values (the prefix is 77 (+1) positions with SD 2.1, 16 (+1) on the toy world)."""
         prefix = self.prefix_embeds(z)                                  # [B,P,H], P = L(+1)
         ids = self.tokenize(captions)
-        N, P, T = len(ids), prefix.shape[1], max(len(x) for x in ids)
-        # padded in Python and made one tensor, not one small copy per caption (192 a toy stage-2 step)
-        tokens = torch.tensor([x + [self.pad_id] * (T - len(x)) for x in ids], device=z.device)
-        token_mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids], device=z.device)
+        tokens, token_mask = pad_ids(ids, self.pad_id, z.device)
+        (N, T), P = tokens.shape, prefix.shape[1]
         attention_mask = torch.cat([torch.ones((N, P), dtype=torch.long, device=z.device), token_mask], dim=1)
         if groups is None:
             inputs_embeds = torch.cat([prefix, self.embed_tokens(tokens)], dim=1)   # [N,P+T,H]
@@ -326,5 +336,3 @@ class EmbToCaption(Captioner):
             self.train(was_training)
         return self.decode(out)
 
-    def decode(self, ids):
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

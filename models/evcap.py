@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import BadInput
-from models.emb_to_caption import EmbToCaption, _load_lm
+from models.emb_to_caption import EmbToCaption, _load_lm, pad_ids
 
 PROMPT = "###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: "
 IMAGE_SLOT = "<ImageHere>"
@@ -217,10 +217,7 @@ class EVCap(EmbToCaption):
         An image with no names (an empty memory) reads one EOS embedding: the fusion Q-Former's
         cross-attention needs a key."""
         ids = [self.tokenizer(", ".join(n), add_special_tokens=False)["input_ids"] or [self.eos_id] for n in names]
-        T = max(len(x) for x in ids)
-        device = self.query_tokens.device
-        tokens = torch.tensor([x + [self.pad_id] * (T - len(x)) for x in ids], device=device)
-        mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids], device=device)
+        tokens, mask = pad_ids(ids, self.pad_id, self.query_tokens.device)
         with torch.no_grad():  # a fixed lookup, as EVCap's frozen text embeddings
             return self.embed_tokens(tokens), mask
 
