@@ -698,8 +698,10 @@ def load_stage1(path, device, dtype=torch.float32):
     config = ckpt["config"]
     encoder = VisionToTextEmb.from_config(config["encoder"])
     encoder.load_state_dict(ckpt["model"])
-    sd = FrozenSD.from_pretrained(config["sd_model_id"], cond_mode=config["cond_mode"], dtype=dtype)
-    return encoder.to(device), sd.to(device), config, fingerprint(ckpt["model"])
+    sd = FrozenSD.from_pretrained(config["sd_model_id"], cond_mode=config["cond_mode"])
+    # Hashed as saved, before the cast: a bridge trained with SD in fp32 serves a stage 2 run in bf16.
+    sd.text_encoder_fingerprint = fingerprint(sd.text_encoder.state_dict())
+    return encoder.to(device), sd.to(device, dtype), config, fingerprint(ckpt["model"])
 
 
 def load_encoder(stage1_ckpt, stage2_ckpt=None, device="cpu", dtype=torch.float32):
@@ -839,15 +841,17 @@ class IndexDataset(torch.utils.data.Dataset):
 
 
 def text_encoder_fingerprint(sd):
-    """What the text side of a bridge (and a text-only captioner) depends on: the SD text encoder."""
-    return fingerprint(sd.text_encoder.state_dict())
+    """What the text side of a bridge (and a text-only captioner) depends on: the SD text encoder's
+    weights as saved, whatever precision they run in (load_stage1 hashes them before the cast)."""
+    return getattr(sd, "text_encoder_fingerprint", None) or fingerprint(sd.text_encoder.state_dict())
 
 
 def caption_features(sd, dataset, path, settings, batch_size=256):
     """T(caption) [M,L,D] of every caption of a COCO dataset (dataset.items, in order), cached in
     safetensors file `path` (None: not cached) for these settings and the text encoder's weights."""
     captions = [c for _, c in dataset.items]
-    settings = dict(settings, text_encoder=text_encoder_fingerprint(sd), num_captions=len(captions))
+    settings = dict(settings, text_encoder=text_encoder_fingerprint(sd), text_encoder_dtype=str(sd.text_encoder.dtype),
+                    num_captions=len(captions))
     compute = lambda: {"text": embed_texts(sd, captions, batch_size)}  # noqa: E731
     return (compute() if path is None else cached_features(path, settings, compute))["text"]
 

@@ -124,6 +124,15 @@ def test_bridge_run_writes_checkpoints_with_its_means(tiny_world, bridge_run, ca
     assert not torch.equal(bridge.text_mean, bridge.visual_mean)
 
 
+def test_the_text_encoder_fingerprint_ignores_the_precision_it_runs_in(tiny_world, bridge_run):
+    # A bridge trained with SD in fp32 must serve a stage 2 that loads SD in bf16 (auto on AMX CPUs).
+    ckpt = common.load_checkpoint(os.path.join(bridge_run, "bridge_4.pt"), "bridge")
+    for dtype in (torch.float32, torch.bfloat16):
+        _, sd, _, _ = common.load_stage1(tiny_world["stage1"], "cpu", dtype)
+        assert sd.text_encoder.dtype == dtype
+        assert common.text_encoder_fingerprint(sd) == ckpt["config"]["text_encoder_fingerprint"]
+
+
 def test_bridge_resumed_run_equals_uninterrupted(tiny_world, bridge_run, tmp_path, capsys):
     out = str(tmp_path / "resumed")
     os.makedirs(out)
