@@ -27,6 +27,7 @@ import sys
 import numpy as np
 import torch
 
+from data.coco import to_pil  # noqa: F401  (re-exported for the scripts)
 from data.files import atomic_path, replace, save_json  # noqa: F401  (re-exported for the scripts)
 from errors import BadInput
 
@@ -185,6 +186,22 @@ def add_decoding_args(parser, num_beams=3):
     g.add_argument("--top_p", type=float, default=DECODING["top_p"])
     g.add_argument("--temperature", type=float, default=DECODING["temperature"])
     return g
+
+
+def add_generator_args(group, checkpoints=True):
+    """Where the generator's checkpoints are (load_generator) and its prior's ODE, for infer.py
+    --generate, doctor.py and demo.py. checkpoints=False: the script has its own --stage1_ckpt/--stage2_ckpt."""
+    from models.flow import SOLVERS
+    group.add_argument("--run_dir", default=None,
+                       help="a run folder: its newest RUN/stage1, RUN/stage2 and RUN/prior (or RUN/flow_prior) checkpoints")
+    if checkpoints:
+        group.add_argument("--stage1_ckpt", default=None, help="vision_encoder_{step}.pt, or its run folder")
+        group.add_argument("--stage2_ckpt", default=None, help="captioner_{step}.pt, or its run folder")
+    group.add_argument("--prior", default=None,
+                       help="flow_{step}.pt of train_flowmatching.py --mode prior, its folder, or its baseline.pt (Gaussian)")
+    group.add_argument("--ode_steps", type=int, default=16, help="steps of the prior's ODE")
+    group.add_argument("--solver", default="heun", choices=SOLVERS)
+    return group
 
 
 def decoding_kwargs(args):
@@ -721,6 +738,7 @@ def load_encoder(stage1_ckpt, stage2_ckpt=None, device="cpu", dtype=torch.float3
         stage2_ckpt = resolve_checkpoint(stage2_ckpt, "captioner")
         ckpt = load_checkpoint(stage2_ckpt, "stage2")
         info["stage2_ckpt"] = os.path.abspath(stage2_ckpt)
+        info["stage2_fingerprint"] = fingerprint(ckpt["model"]["captioner"])
         if "encoder" in ckpt["model"]:  # stage 2 fine-tuned the encoder: its weights win
             encoder.load_state_dict(ckpt["model"]["encoder"])
             info["encoder_fingerprint"] = fingerprint(ckpt["model"]["encoder"])
@@ -762,6 +780,70 @@ def load_vlv(stage1_ckpt, stage2_ckpt=None, device="cpu"):
             vlv.text_space = dict(config["text_space"], mean=ckpt["model"].get("text_mean"))
     vlv.info = info
     return vlv.to(device).eval()
+
+
+def prior_path(run_dir):
+    """A run's prior folder: RUN/prior, or RUN/flow_prior (where scripts/toy_pipeline.sh trains it)."""
+    for name in ("prior", "flow_prior"):
+        if os.path.isdir(os.path.join(run_dir, name)):
+            return os.path.join(run_dir, name)
+    return os.path.join(run_dir, "prior")
+
+
+def load_prior(path, vlv, ode_steps=16, solver="heun"):
+    """A prior over vlv's z from a flow of train_flowmatching.py --mode prior (a flow_{step}.pt, or
+    its run folder for the newest) or that run's baseline.pt (the Gaussian); checked against vlv's
+    encoder. Returns (models.generator prior module, {"name", "fingerprint"})."""
+    from models.flow import GaussianPrior
+    from models.generator import FlowPrior, GaussianZPrior
+    fix = ("pass a flow_{step}.pt of train_flowmatching.py --mode prior (or its --output_dir), or that run's "
+           "baseline.pt for the Gaussian")
+    if os.path.isdir(path) and not list_checkpoints(path, "flow"):
+        die(f"{path} holds no flow_{{step}}.pt; train the prior (train_flowmatching.py --mode prior "
+            f"--output_dir {path}) or {fix}")
+    path = resolve_checkpoint(path, "flow") if os.path.isdir(path) else path
+    ckpt, kind = read_passed_checkpoint(path, "prior", fix)
+    config = ckpt.get("config", {}) if kind else {}
+    if kind not in ("flow", "flow_baseline") or config.get("mode") != "prior":
+        what = f"a {config['mode']} flow" if config.get("mode") else f"a {kind or 'foreign'} checkpoint"
+        die(f"prior {path} is {what}, not a prior over z; {fix}")
+    if config["encoder_fingerprint"] != vlv.info["encoder_fingerprint"]:
+        die(f"prior {path} was trained on the z of another encoder ({encoder_checkpoints(config)}); pass the "
+            f"checkpoints it was trained with, or train a prior on these (train_flowmatching.py --mode prior "
+            f"--stage1_ckpt ... --stage2_ckpt ...)")
+    net = config["net"]
+    if (net["seq_len"], net["dim"]) != (vlv.sd.seq_len, vlv.sd.embed_dim):
+        die(f"prior {path} draws [{net['seq_len']}, {net['dim']}] z, this model's are "
+            f"[{vlv.sd.seq_len}, {vlv.sd.embed_dim}]; pass a prior trained on this model's encoder")
+    if kind == "flow":
+        prior = FlowPrior(flow_of(ckpt), ode_steps, solver)
+    else:
+        gaussian = GaussianPrior(net["seq_len"], net["dim"], config["baseline_rank"])
+        gaussian.load_state_dict(ckpt["model"])
+        prior = GaussianZPrior(gaussian)
+    return prior, dict(name=os.path.abspath(path), fingerprint=fingerprint(prior.state_dict()))
+
+
+def load_generator(run_dir=None, stage1=None, stage2=None, prior=None, device=None, ode_steps=16, solver="heun",
+                   **settings):
+    """models.generator.MultimodalGenerator from a run folder's newest checkpoints (RUN/stage1,
+    RUN/stage2, prior_path(RUN)) or explicit ones; settings: its keyword arguments."""
+    from models.generator import MultimodalGenerator
+    if run_dir is None and not (stage1 and stage2 and prior):
+        die("the generator needs --run_dir, or all three of --stage1_ckpt, --stage2_ckpt and --prior")
+    if run_dir is not None and not os.path.isdir(run_dir):
+        die(f"--run_dir {run_dir} does not exist; pass the folder a pipeline wrote (e.g. checkpoints/toy)")
+    stage1 = stage1 or os.path.join(run_dir, "stage1")
+    stage2 = stage2 or os.path.join(run_dir, "stage2")
+    prior = prior or prior_path(run_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vlv = load_vlv(stage1, stage2, device)
+    prior, prior_info = load_prior(prior, vlv, ode_steps, solver)
+    info = vlv.info
+    checkpoints = dict(stage1=dict(name=info["stage1_ckpt"], fingerprint=info["stage1_fingerprint"]),
+                       stage2=dict(name=info["stage2_ckpt"], fingerprint=info["stage2_fingerprint"]),
+                       prior=prior_info)
+    return MultimodalGenerator(vlv, prior.to(device), checkpoints=checkpoints, **settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -912,18 +994,23 @@ def output_settings(args, vlv, captions=True):
                 **{k: getattr(args, k) for k in keys})
 
 
+def read_passed_checkpoint(path, flag, fix):
+    """A checkpoint file a user passed -> (its dict, its "kind"); one line when it is missing or unreadable."""
+    if not os.path.isfile(path):
+        die(f"{flag} {path} does not exist; {fix}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        die(f"{flag} {path} is not a checkpoint this project can read ({type(e).__name__}); {fix}")
+    return ckpt, ckpt.get("kind") if isinstance(ckpt, dict) else None
+
+
 def read_enhancer_checkpoint(path):
     """A flow, baseline or bridge checkpoint -> its dict; one line for anything else."""
     kinds = "a flow_{step}.pt or baseline.pt of train_flowmatching.py, or a bridge_{step}.pt of train_diffusion_bridge.py"
     if os.path.isdir(path):
         path = resolve_checkpoint(path, "bridge" if list_checkpoints(path, "bridge") else "flow")
-    if not os.path.isfile(path):
-        die(f"--enhancer {path} does not exist; pass none, sd_refine, or a checkpoint: {kinds}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        die(f"--enhancer {path} is not a checkpoint this project can read ({type(e).__name__}); pass {kinds}")
-    kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
+    ckpt, kind = read_passed_checkpoint(path, "--enhancer", f"pass none, sd_refine, or a checkpoint: {kinds}")
     if kind not in ENHANCER_KINDS:
         die(f"--enhancer {path} is a {kind or 'foreign'} checkpoint, not an enhancer ({', '.join(ENHANCER_KINDS)}); "
             f"pass {kinds}")
@@ -1085,17 +1172,6 @@ def accuracy_table(groups, title):
             rows.append([attr] + [f"{groups[n][attr]['accuracy']:.3f} ({groups[n][attr]['correct']}/"
                                   f"{groups[n][attr]['total']})" if attr in groups[n] else "-" for n in names])
     return markdown_table(header, rows)
-
-
-def to_pil(image):
-    """[3,H,W] float tensor in [0,1], uint8 HxWx3 array or PIL image -> PIL RGB image."""
-    from PIL import Image
-    from torchvision.transforms.functional import to_pil_image
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if torch.is_tensor(image):  # rounded: to_pil_image of a float tensor truncates
-        return to_pil_image((image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8))
-    return Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
 
 
 def save_image(path, image):

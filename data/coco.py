@@ -102,6 +102,16 @@ def load_rgb(path):
         raise UnreadableImage(path, reason) from e
 
 
+def to_pil(image):
+    """[3,H,W] float tensor in [0,1], uint8 HxWx3 array or PIL image -> PIL RGB image."""
+    import torch
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if torch.is_tensor(image):  # rounded: torchvision's to_pil_image of a float tensor truncates
+        return transforms.functional.to_pil_image((image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8))
+    return Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+
+
 def image_transform(image_size):
     """Shorter side -> image_size (bicubic, antialiased), centre crop, float tensor [3,S,S] in [0,1].
     No normalisation: each model normalises for itself."""

@@ -229,6 +229,13 @@ class GaussianPrior(nn.Module):
         model.factor.copy_((v * s / math.sqrt(max(n - 1, 1))).float())
         return model
 
+    @property
+    def noise_shape(self):
+        return (self.factor.shape[1],)
+
+    def from_noise(self, g):
+        """g [B,k] standard normal -> z [B,L,D]."""
+        return (self.mean + g.to(self.factor) @ self.factor.T).reshape(len(g), *self.shape)
+
     def sample(self, n, generator=None):
-        g = torch.randn(self.factor.shape[1], n, generator=generator)
-        return (self.mean[:, None] + self.factor @ g).T.reshape(n, *self.shape)
+        return self.from_noise(torch.randn(self.factor.shape[1], n, generator=generator).T)

@@ -200,16 +200,26 @@ class FrozenSD(nn.Module):
 
     # ---- sampling ---------------------------------------------------------------------------
 
+    @property
+    def latent_shape(self):
+        """[C,h,w] of the initial noise the sampler starts from (the pipeline's default size)."""
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
     @torch.no_grad()
-    def generate(self, cond, num_inference_steps=50, guidance_scale=2.0, seed=0):
+    def generate(self, cond, num_inference_steps=50, guidance_scale=2.0, seed=0, latents=None):
         """cond [B,L,D] (condition(z) or embed_text(captions)) -> images [B,3,H,W] in [0,1].
-        DDIM with classifier-free guidance against the empty caption; same seed, same images."""
+        DDIM (eta 0: deterministic given its start) with classifier-free guidance against the
+        empty caption. The start is drawn from `seed` for the whole batch, or given as latents
+        [B,*latent_shape] (the generator draws each image's own from its seed)."""
         cond = cond.to(device=self.uncond.device, dtype=self.unet.dtype)
         uncond = self.uncond.to(self.unet.dtype).expand(cond.shape[0], -1, -1)
+        if latents is not None:
+            latents = latents.to(device=cond.device, dtype=self.unet.dtype)
         # output_type="latent" and our own decode: the pipeline's decode ignores the VAE's
         # shift_factor, and this keeps one decode path for the whole codebase.
-        latents = self._pipe(prompt_embeds=cond, negative_prompt_embeds=uncond,
+        latents = self._pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents,
                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                             generator=torch.Generator().manual_seed(seed), output_type="latent",
-                             return_dict=False)[0]
+                             generator=None if latents is not None else torch.Generator().manual_seed(seed),
+                             output_type="latent", return_dict=False)[0]
         return self.decode_latents(latents).float()
