@@ -9,6 +9,8 @@ From a trained VLV (captions are appended to --out_jsonl as they are made; a re-
 (a checkpoint file, or a run's --output_dir for its newest checkpoint)
 Add --clip_model DIR (a local transformers CLIPModel folder) for CLIPScore / RefCLIPScore, and
 --spice for SPICE (it downloads Stanford CoreNLP on first use, so it is off by default).
+--metrics ...,fid --fid_weights FILE (model mode): VLV's reconstruction FID, the split's images against
+their regenerations from the predicted captions and from z (InceptionV3 pool3, pytorch-fid style).
 """
 import argparse
 import contextlib
@@ -26,7 +28,10 @@ from data.predictions import read_predictions, run_predictions
 from errors import UnreadableImage
 
 CAPTION_METRICS = ("bleu", "meteor", "rouge", "cider")
-KNOWN_METRICS = CAPTION_METRICS + ("clip",)
+KNOWN_METRICS = CAPTION_METRICS + ("clip", "fid")
+# torch-fidelity's port of the TF Inception that pytorch-fid and the papers' FIDs use
+FID_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                   "weights-inception-2015-12-05-6726825d.pth")
 # Hessel et al. (2021): CLIP-S = W * max(cos, 0), the text prefixed with PREFIX (references too).
 CLIP_W = 2.5
 CLIP_PREFIX = "A photo depicts "
@@ -53,6 +58,9 @@ def build_parser():
                    help="also SPICE (downloads Stanford CoreNLP the first time; needs the network)")
     g.add_argument("--clip_model", default=None, help="local folder of a transformers CLIPModel")
     g.add_argument("--clip_batch_size", type=int, default=32)
+    g.add_argument("--fid_weights", default=None,
+                   help=f"fid: a local copy of the FID Inception weights ({FID_WEIGHTS_URL}); nothing is downloaded")
+    g.add_argument("--fid_batch_size", type=int, default=32)
     g.add_argument("--out_json", default=None, help="scores; default: <predictions>.scores.json")
     g.add_argument("--sheet", default=None, help="PNG sheet; default: <predictions>.sheet.png")
     g.add_argument("--num_sheet_images", type=int, default=16, help="0: no sheet")
@@ -94,6 +102,10 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     args.metrics = parse_metrics(args.metrics)
     model_mode = args.stage1_ckpt is not None or args.stage2_ckpt is not None
+    if "fid" in args.metrics:
+        if not model_mode:
+            common.die("--metrics fid scores the model's regenerations: it needs --stage1_ckpt and --stage2_ckpt")
+        check_fid_weights(args.fid_weights)
     if args.preds_json and model_mode:
         common.die("give either --preds_json (score a file) or --stage1_ckpt/--stage2_ckpt (caption with "
                    "a model), not both")
@@ -267,6 +279,68 @@ def clip_scores(images, captions, refs, clip_model_dir, batch_size=32, device="c
 
 
 # ---------------------------------------------------------------------------------------------
+# FID (VLV reports reconstruction FID only: caption -> image and z -> image against the originals)
+
+def check_fid_weights(path):
+    """One line unless `path` is a readable state dict of tensors (read with weights_only=True)."""
+    where = f"download {FID_WEIGHTS_URL} once and pass its path"
+    if not path:
+        common.die(f"--metrics fid needs --fid_weights, the Inception weights file (nothing is downloaded at run "
+                   f"time); {where}")
+    if not os.path.isfile(path):
+        common.die(f"--fid_weights {path} does not exist; {where}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        common.die(f"--fid_weights {path} is not a weights file ({type(e).__name__}); {where}")
+    if not isinstance(state, dict) or "fc.weight" not in state:
+        common.die(f"--fid_weights {path} is not torch-fidelity's InceptionV3 state dict; {where}")
+
+
+def fid(real, drawn, weights, batch_size=32, device="cpu"):
+    """Frechet Inception distances of sets of drawn images to one set of real ones ([3,H,W] in [0,1],
+    any size: resized to 299 inside) on the 2048-d pool3 features of torch-fidelity's InceptionV3
+    (pytorch-fid's network), through torchmetrics. drawn: {name: images} -> {name: FID}.
+    weights: a local file (check_fid_weights); at least 2 images a side."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    if min(len(real), *map(len, drawn.values())) < 2:
+        common.die(f"FID needs at least 2 images a side, got {len(real)} real and "
+                   f"{', '.join(str(len(v)) for v in drawn.values())} drawn")
+    # torch-fidelity reads the file with weights_only=False; check_fid_weights has read it with
+    # weights_only=True first, so it holds tensors only.
+    check_fid_weights(weights)
+    metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights, normalize=True,
+                                      reset_real_features=False).to(device)
+
+    def add(images, is_real):
+        for s in range(0, len(images), batch_size):
+            metric.update(torch.stack([images[i] for i in range(s, min(s + batch_size, len(images)))]).to(device),
+                          real=is_real)
+
+    add(real, True)  # once: reset() below keeps the real statistics
+    scores = {}
+    for name, images in drawn.items():
+        metric.reset()
+        add(images, False)
+        scores[name] = float(metric.compute())
+    return scores
+
+
+def reconstruction_fid(vlv, real, captions, args):
+    """VLV's two reconstruction FIDs: real images against SD's drawings from the captions and from z."""
+    from_caption, from_z = [], []
+    for s in range(0, len(real), args.batch_size):
+        batch = torch.stack(real[s:s + args.batch_size]).to(args.device)
+        for out, c in ((from_caption, captions[s:s + args.batch_size]), (from_z, None)):
+            out += list(vlv.regenerate(batch, c, args.num_inference_steps, args.guidance_scale, args.seed).cpu())
+    scores = fid(real, {"FID (caption -> image)": from_caption, "FID (z -> image)": from_z}, args.fid_weights,
+                 args.fid_batch_size, args.device)
+    scores["fid_note"] = (f"{len(real)} images against their regenerations ({args.num_inference_steps} steps, "
+                          f"guidance {args.guidance_scale}); InceptionV3 pool3 (torch-fidelity weights) via torchmetrics")
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
 # Toy world: do the captions name the right attributes?
 
 def attribute_accuracy(preds, images_info):
@@ -288,6 +362,10 @@ def markdown_tables(scores):
     if caption_keys:
         tables.append(common.markdown_table([f"metric (n={scores['num_images']})", "value"],
                                             [[k, f"{scores[k]:.4f}"] for k in caption_keys]))
+    fid_keys = [k for k in ("FID (caption -> image)", "FID (z -> image)") if k in scores]
+    if fid_keys:
+        tables.append(common.markdown_table([f"reconstruction (n={scores['num_images']})", "FID"],
+                                            [[k[5:-1], f"{scores[k]:.2f}"] for k in fid_keys]))
     clip_keys = [k for k in ("CLIPScore", "RefCLIPScore") if k in scores]
     if clip_keys:
         tables.append(common.markdown_table([f"CLIP metric ({CLIP_SCALE_NOTE})", "value"],
@@ -421,6 +499,13 @@ def main(argv=None):
             except UnreadableImage as e:
                 common.die(f"CLIPScore needs every scored image: {e}; fix the file or leave out clip")
             scores["clip_scale"] = CLIP_SCALE_NOTE
+
+    if "fid" in args.metrics:
+        try:
+            real = [loaders[i]() for i in ids]
+        except UnreadableImage as e:
+            common.die(f"FID needs every scored image: {e}; fix the file or leave out fid")
+        scores.update(reconstruction_fid(vlv, real, [preds[i] for i in ids], args))
 
     if any((images_info.get(i) or {}).get("scene") is not None for i in ids):
         scores["attribute_accuracy"] = attribute_accuracy(preds, images_info)

@@ -233,3 +233,23 @@ def tiny_world(tmp_path_factory, tiny_sd_dir):
                               batch_size=4, lr=1e-3, lr_warmup_steps=1, max_steps=2, max_new_tokens=6,
                               finetune_encoder=True, **common_args))
     return dict(root=root, data=data, stage1=stage1, other1=other1, stage2=stage2, gpt2=gpt2)
+
+
+@pytest.fixture(scope="session")
+def fid_weights(tmp_path_factory):
+    """torch-fidelity's InceptionV3 with random weights, saved as its published weights file is (a
+    plain state dict .pth), so the FID code runs its real path without the download. Convolutions
+    get variance-keeping init: with the default one the pool3 features shrink towards zero."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("fid") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(net.state_dict(), path)
+    return str(path)

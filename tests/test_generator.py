@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import common
 import demo
@@ -323,3 +324,34 @@ def test_demo_in_a_real_browser(gen, served, tmp_path):
             assert shot.stat().st_size > 10_000
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# FID (the paper's reconstruction metric), on an Inception-shaped network with random weights
+
+def test_fid_is_zero_for_the_same_images_and_grows_with_the_difference(fid_weights):
+    import eval_captioning
+    g = torch.Generator().manual_seed(0)
+    real = [torch.rand(3, 16, 16, generator=g) for _ in range(4)]
+    scores = eval_captioning.fid(real, {"same": real, "near": [0.9 * x for x in real],
+                                        "far": [0.3 * torch.rand(3, 16, 16, generator=g) for _ in range(4)]},
+                                 fid_weights, batch_size=3)
+    assert abs(scores["same"]) < 1e-3 < scores["near"] < scores["far"]
+
+
+def test_eval_captioning_reconstruction_fid(tiny_world, fid_weights, tmp_path):
+    import eval_captioning
+    base = dict(stage1_ckpt=tiny_world["stage1"], stage2_ckpt=tiny_world["stage2"], data_dir=tiny_world["data"],
+                num_samples=4, num_inference_steps=2, num_beams=1, max_new_tokens=5, num_sheet_images=0)
+    scores = eval_captioning.main(argv_of(out_jsonl=str(tmp_path / "p.jsonl"), metrics="fid", fid_weights=fid_weights,
+                                          **base))
+    assert scores["num_images"] == 4
+    assert scores["FID (caption -> image)"] > 0 and scores["FID (z -> image)"] > 0
+    assert "InceptionV3 pool3" in scores["fid_note"]
+    with pytest.raises(BadInput, match=r"--metrics fid needs --fid_weights, .* download https://github.com/toshas/"):
+        eval_captioning.parse_args(argv_of(out_jsonl=str(tmp_path / "p.jsonl"), metrics="fid", **base))
+    with pytest.raises(BadInput, match="--fid_weights .*nope.pth does not exist; download https://"):
+        eval_captioning.parse_args(argv_of(out_jsonl=str(tmp_path / "p.jsonl"), metrics="fid",
+                                           fid_weights=str(tmp_path / "nope.pth"), **base))
+    with pytest.raises(BadInput, match="needs --stage1_ckpt and --stage2_ckpt"):
+        eval_captioning.parse_args(["--preds_json", str(tmp_path / "p.jsonl"), "--ann_json", "x", "--metrics", "fid"])
