@@ -137,13 +137,20 @@ class MultimodalGenerator:
     @torch.no_grad()
     def _generate(self, seeds):
         """One batch -> (images [B,3,H,W] in [0,1], captions, seconds per part)."""
-        sd, times = self.vlv.sd, {}
-        noise, latents = seed_noise(seeds, self.prior.noise_shape, sd.latent_shape)
+        noise, latents = seed_noise(seeds, self.prior.noise_shape, self.vlv.sd.latent_shape)
         t = time.perf_counter()
         z = self.prior(noise.to(self.device))
-        cond = sd.condition(z)
-        times["prior"] = time.perf_counter() - t
+        images, captions, times = self.decode(z, latents)
+        times["prior"] = time.perf_counter() - t - sum(times.values())
+        return images, captions, times
+
+    @torch.no_grad()
+    def decode(self, z, latents):
+        """z [B,L,D] (a prior's, or an image's own) and SD's starting latents [B,*sd.latent_shape] ->
+        (images [B,3,H,W] in [0,1], captions, seconds of SD and of the captioner)."""
+        sd, times = self.vlv.sd, {}
         t = time.perf_counter()
+        cond = sd.condition(z.to(self.device))
         images = sd.generate(cond, self.num_inference_steps, self.guidance_scale, latents=latents)
         times["sd"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -236,13 +236,24 @@ def test_enhance_degrade(flows, capsys):
     assert set(rows["clean"]) == {"none", "ridge", "flow"} and [r[0] for r in cost[1:]] == ["none", "ridge", "flow"]
 
 
-def test_prior_samples(flows, capsys):
-    from benchmarks import prior_samples
-    rows = prior_samples.main(argv_of(run=flows["root"], num_samples=3, ode_steps=1, num_inference_steps=1))
+def test_generator(flows, fid_weights, tmp_path, capsys):
+    from benchmarks import generator
+    grid = str(tmp_path / "pairs.png")
+    rows = generator.main(argv_of(run=flows["root"], num_seeds=4, speed_seeds=2, batch_size=3, ode_steps=1,
+                                  num_inference_steps=1, num_beams=1, grid=grid, grid_pairs=3, fid_weights=fid_weights))
     out = capsys.readouterr().out
     assert_machine_line(out)
-    assert [r[0] for r in rows] == ["flow prior", "Gaussian (mean, covariance)", "real z of val images"]
-    assert all(r[1] == 3 and 0 <= float(r[2]) <= 1 for r in rows)
+    quality, speed = tables(out)
+    assert quality[0] == ["z from", "n", "valid", "pair consistent", "distinct scenes", "attribute TV to train",
+                          "memorised", "FID to val images"]
+    assert [r[0] for r in quality[1:]] == ["flow prior", "Gaussian (mean, covariance)", "real z of val images"]
+    assert all(r[1] == "4" and 0 <= float(r[3]) <= 1 and 0 <= float(r[5]) <= 1 for r in quality[1:])
+    assert quality[3][7] == "(the reference)" and float(quality[1][7]) > 0
+    assert [r[0] for r in speed[1:]] == ["generate_batch (batch 3, 4 seeds)", "one generate() per seed (2 seeds)"]
+    assert rows["speedup"] > 0 and os.path.getsize(grid) > 0
+    # the judge of a toy scene against its own caption: consistent with itself, TV 0 to itself
+    scene = {"objects": [{"colour": "red", "shape": "circle", "size": "small"}], "position": "left", "relation": None}
+    assert generator.valid(scene) and generator.attribute_tv([scene], [scene]) == 0.0
 
 
 def test_bridge_step(capsys):
