@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole toy world end to end on a CPU: set up, data, teacher, toy LM, stage 1, stage 2, the
 # degrade enhancer and the prior over z (flow matching), then captions and regenerated images of
-# val images, the metrics table, and the table of the enhancer on corrupted val images. The recipe is `--preset toy`
+# val images, the metrics table, the table of the enhancer on corrupted val images, and image-caption
+# pairs drawn from the prior (a grid of 16 and the joint-generation table). The recipe is `--preset toy`
 # (common.PRESETS); precision is each stage's --mixed_precision auto (bf16 only where the CPU has it
 # natively), or MIXED_PRECISION=no|bf16 for all of them.
 # Re-running reuses what is on disk (data, teacher, LM) and resumes the training stages.
@@ -42,8 +43,13 @@ timed "captions + regenerations + metrics" $PY eval_captioning.py --stage1_ckpt 
 timed "enhancer table (benchmarks.enhance_degrade)" $PY -m benchmarks.enhance_degrade --run "$OUT" \
   > "$OUT/eval/enhance_degrade.md"
 
+timed "joint generation (benchmarks.generator)" $PY -m benchmarks.generator --run "$OUT" \
+  > "$OUT/eval/generator.md"
+
 echo
 cat "$OUT/eval/enhance_degrade.md"
+echo
+cat "$OUT/eval/generator.md"
 echo
 $PY -c "import common; print(common.machine_description())"
 echo "| toy stage | wall seconds |"
@@ -53,3 +59,4 @@ echo
 echo "captions: $OUT/eval/preds.jsonl   scores: $OUT/eval/preds.scores.json"
 echo "images with captions and regenerations: $OUT/eval/preds.sheet.png"
 echo "stage-1 original | reconstruction grids: $OUT/stage1/reconstructions_*.png"
+echo "16 image-caption pairs drawn from the prior: $OUT/eval/generated_pairs.png"
