@@ -24,6 +24,7 @@ import common
 import errors
 from data.coco import CocoImageCaptionDataset
 from models.bridge import LAYOUTS, LOSS_WEIGHTS, Bridge, default_config, modality_mean
+from models.checkpointing import checkpoint_submodules
 
 CKPT_PREFIX = "bridge"
 CKPT_KIND = "bridge"
@@ -153,6 +154,9 @@ def main(argv=None):
                    f"{len(args.dim_mults) - 1} times; pass fewer levels")
     bridge = Bridge(recipe, modality_mean(feats["text"], args.layout),
                     modality_mean(feats["cond"], args.layout)).to(device)
+    if args.gradient_checkpointing:  # Unet1D has no switch of its own: its residual blocks and attention
+        from denoising_diffusion_pytorch.denoising_diffusion_pytorch_1d import ResnetBlock, Residual
+        checkpoint_submodules(bridge.unet, lambda m: isinstance(m, (ResnetBlock, Residual)))
     text = bridge.centre(feats["text"].to(device), "text")  # [M,L,D] at norm scale: the training set
     val = {k: v.to(device) for k, v in val.items()} if val else None
     # What inference needs to rebuild and check the bridge.

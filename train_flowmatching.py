@@ -25,7 +25,8 @@ import common
 import errors
 from data.coco import CocoImageCaptionDataset
 from data.degrade import DEGRADATIONS, parse_degradations, random_degrade
-from models.flow import SOLVERS, Flow, GaussianPrior, RidgeMap
+from models.checkpointing import checkpoint_submodules
+from models.flow import SOLVERS, Block, Flow, GaussianPrior, RidgeMap
 
 CKPT_PREFIX = "flow"
 CKPT_KIND = "flow"
@@ -187,6 +188,8 @@ def main(argv=None):
     seq_len, dim = feats["z"].shape[1:]
     flow = Flow(dict(seq_len=seq_len, dim=dim, width=args.width, depth=args.depth, heads=args.heads),
                 source_mean, source_std, target_mean, target_std).to(device)
+    if args.gradient_checkpointing:
+        checkpoint_submodules(flow.net, lambda m: isinstance(m, Block))
     # What inference needs to rebuild and check the flow.
     config = dict(mode=args.mode, space=SPACE[args.mode], net=flow.net.config, **info, image_size=image_size,
                   noise_std=args.noise_std if args.mode == "denoise" else None,

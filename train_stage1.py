@@ -14,6 +14,7 @@ import os
 import torch
 
 import common
+from models.checkpointing import enable_library_checkpointing
 import errors
 from data.coco import make_images_dataset
 from models.frozen_sd21 import FrozenSD
@@ -94,6 +95,10 @@ def main(argv=None):
     accelerator, weight_dtype = common.setup_run(args, "vlv_stage1")
     sd = FrozenSD.from_pretrained(args.sd_model_id, cond_mode=args.cond_mode, dtype=weight_dtype)
     sd.to(accelerator.device)
+    if args.gradient_checkpointing:
+        # The frozen UNet holds almost all of stage 1's activations (z's gradient flows back through it);
+        # the text encoder's 77 tokens are a small part, and transformers would not checkpoint it in eval.
+        enable_library_checkpointing(sd.unet)
     dataset = make_images_dataset(args.data_dir, args.split, args.image_size, args.subset_ratio,
                                   args.karpathy_json, args.seed, data_format=args.data_format)
     if len(dataset) < args.batch_size:

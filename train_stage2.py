@@ -18,6 +18,7 @@ import os
 import torch
 
 import common
+from models.checkpointing import enable_library_checkpointing
 import errors
 from data.coco import CocoImageCaptionDataset
 from models.bridge import normalize
@@ -270,6 +271,8 @@ def main(argv=None):
     if not args.finetune_encoder:
         encoder.eval()
     captioner = build_captioner(args, sd, stage1_fingerprint)
+    if args.gradient_checkpointing:  # the LM, the BERT decoder, the Q-Formers: transformers' own switch
+        common.print_main(accelerator, "gradient checkpointing: " + ", ".join(enable_library_checkpointing(captioner)))
     trainable = sum(p.numel() for p in captioner.parameters() if p.requires_grad)
     common.print_main(accelerator, f"captioner {args.captioner}: {trainable:,} trainable parameters of "
                                    f"{sum(p.numel() for p in captioner.parameters()):,}")

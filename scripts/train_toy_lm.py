@@ -26,6 +26,7 @@ import torch
 import common
 import errors
 from data.coco import read_captions
+from models.checkpointing import enable_library_checkpointing
 from models.toy_lm import build_toy_lm, train_tokenizer
 
 CKPT_PREFIX = "toy_lm"
@@ -113,6 +114,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same initial weights in every process
     lm = build_toy_lm(tokenizer, n_positions=args.n_positions, n_layer=args.n_layer, n_embd=args.n_embd,
                       n_head=args.n_head)
+    if args.gradient_checkpointing:
+        enable_library_checkpointing(lm)
     dataset = blocks(token_stream(groups, tokenizer, args.seed), args.n_positions)   # [N, n_positions]
     loader = common.train_loader(dataset, args, accelerator, collate_fn=torch.stack)
     optimizer, lr_scheduler, steps_per_epoch, max_steps = common.build_optimization(

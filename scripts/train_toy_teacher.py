@@ -45,13 +45,15 @@ import errors
 from data.coco import load_rgb, read_captions
 from data.judge import judge_image
 from data.toy_world import attribute_scores, caption_vocabulary, grouped_accuracy
+from models.checkpointing import enable_library_checkpointing
 from models.frozen_sd21 import diffusion_target
 from models.toy_teacher import (LatentTower, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
                                 build_vae, tokenize)
 
 # Flags that do not change what is trained: a resumed run may give them other values.
 FREE_ON_RESUME = {"output_dir", "resume_from", "checkpointing_steps", "num_threads", "log_every", "vae_from",
-                  "num_samples_eval", "guidance_scale", "num_inference_steps", "num_grid", "preset"}
+                  "num_samples_eval", "guidance_scale", "num_inference_steps", "num_grid", "preset",
+                  "gradient_checkpointing"}
 
 
 def build_parser():
@@ -98,6 +100,8 @@ def build_parser():
     g.add_argument("--lr_warmup_steps", type=int, default=100)
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute the UNet's and the text encoder's activations in the backward pass (less memory)")
     g.add_argument("--ema_decay", type=float, default=0.999, help="0 disables EMA of the weights")
     g.add_argument("--two_object_weight", type=float, default=3.0,
                    help="draw two-object scenes this many times as often as one-object ones (1: "
@@ -486,6 +490,8 @@ def main(argv=None):
     vae, mean, std, scaling, vae_groups = phase_vae(args, train_pixels, val_pixels, val_entries, state, gen, timings)
     text_encoder = build_text_encoder(tokenizer, width=args.text_width, layers=args.text_layers,
                                       max_length=args.max_length)
+    if args.gradient_checkpointing:
+        enable_library_checkpointing(text_encoder)
     if state:
         text_encoder.load_state_dict(state["text_encoder"])
         clip_acc = state["clip_acc"]
@@ -497,6 +503,8 @@ def main(argv=None):
     unet = build_unet(mean.shape[1], mean.shape[-1], channels=ints(args.unet_channels), attention=ints(args.unet_attn),
                       layers_per_block=args.unet_layers_per_block, attention_head_dim=args.attention_head_dim,
                       text_width=args.text_width, text_time_embedding=args.text_time_embedding)
+    if args.gradient_checkpointing:
+        enable_library_checkpointing(unet)
     if args.mixed_precision == "bf16":
         # The toy UNet attends over 4-16 positions. There, in bf16, SDPA's CPU flash kernel is slower
         # than diffusers' plain-matmul processor (docs/measurements.md, Teacher step). Training

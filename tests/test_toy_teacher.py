@@ -261,3 +261,16 @@ def test_no_samples_judged_still_saves_the_teacher(tmp_path):
     train_teacher.main(["--data_dir", data, "--output_dir", out, *TINY, "--num_samples_eval", "0"])
     assert os.path.isfile(os.path.join(out, "model_index.json"))
     assert not os.path.exists(os.path.join(out, "samples.png"))
+
+
+def test_gradient_checkpointing_trains_the_same_teacher(teacher, tmp_path):
+    _, data, _, _ = teacher
+    argv = ["--data_dir", data, "--seed", "4", *TINY, "--num_samples_eval", "0"]
+    plain, checkpointed = str(tmp_path / "plain"), str(tmp_path / "checkpointed")
+    train_teacher.main([*argv, "--output_dir", plain])
+    train_teacher.main([*argv, "--output_dir", checkpointed, "--gradient_checkpointing"])
+    for part in ("unet", "text_encoder"):
+        a, b = weights(plain, part), weights(checkpointed, part)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], msg=f"{part}.{key}")
