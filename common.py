@@ -540,12 +540,63 @@ def build_optimization(accelerator, args, params, loader):
     return optimizer, lr_scheduler, steps_per_epoch, max_steps
 
 
+def gathered(obj):
+    """obj (nested dicts, lists, tuples of tensors) with every DTensor (a parameter, optimizer or EMA
+    state sharded by FSDP2) replaced by its full tensor on the CPU: what a checkpoint holds, so it loads
+    anywhere. Collective: every process calls it, on the same structure."""
+    if not torch.distributed.is_available():  # a torch built without it has no DTensor
+        return obj
+    from torch.distributed.tensor import DTensor
+    if isinstance(obj, DTensor):
+        return obj.full_tensor().cpu()
+    if isinstance(obj, dict):
+        return {k: gathered(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(gathered(v) for v in obj)
+    return obj
+
+
+def sharded_like(full, template):
+    """The inverse of gathered: each full tensor of `full` whose counterpart in `template` is a DTensor
+    is cut the same way (its mesh and placements)."""
+    if not torch.distributed.is_available():  # a torch built without it has no DTensor
+        return full
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(template, DTensor):
+        return distribute_tensor(full.to(template.device, template.dtype), template.device_mesh, template.placements)
+    if isinstance(full, dict) and isinstance(template, dict):
+        return {k: sharded_like(v, template[k]) if k in template else v for k, v in full.items()}
+    if isinstance(full, (list, tuple)) and isinstance(template, (list, tuple)) and len(full) == len(template):
+        return type(full)(sharded_like(a, b) for a, b in zip(full, template))
+    return full
+
+
+def sharded_optimizer_state(full, optimizer):
+    """A gathered optimizer state dict cut like the optimizer's parameters: an optimizer has no state
+    to copy the layout from before its first step, so each state tensor of a parameter's shape follows
+    that parameter."""
+    if not torch.distributed.is_available():  # a torch built without it has no DTensor
+        return full
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, values in full["state"].items():
+        p = params[int(index)]
+        if isinstance(p, DTensor):
+            values = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                      if torch.is_tensor(v) and v.shape == p.shape else v for k, v in values.items()}
+        state[index] = values
+    return dict(full, state=state)
+
+
 class Trainer:
     """Runs the optimisation of one prepared model.
 
     model_state() -> the trainable weights to save; load_model_state(sd) puts them back. A
     checkpoint is the plain dict of DESIGN.md: {kind, model, optimizer, lr_scheduler, scaler, ema,
-    step, epoch, config, args, num_processes, rng}, with one RNG state per process.
+    step, epoch, config, args, num_processes, rng}, with one RNG state per process. Under FSDP2
+    (parameters sharded as DTensors) the weights, optimizer and EMA states are gathered to full
+    tensors before the main process writes them, and cut again on resume.
     """
 
     def __init__(self, *, accelerator, args, model, optimizer, lr_scheduler, loader, steps_per_epoch,
@@ -585,13 +636,13 @@ class Trainer:
         if saved_length != (self.args.max_steps or self.args.epochs):
             print_main(acc, f"note: {path} was written by a run of another length; its learning-rate "
                             f"schedule goes on for this run's {self.max_steps} steps")
-        self.load_model_state(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.load_model_state(sharded_like(ckpt["model"], self.model_state()))
+        self.optimizer.load_state_dict(sharded_optimizer_state(ckpt["optimizer"], self.optimizer))
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         if acc.scaler is not None:
             acc.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:
-            self.ema.load_state_dict(ckpt["ema"])
+            self.ema.load_state_dict(sharded_like(ckpt["ema"], self.ema.state_dict()))
         set_rng_state(ckpt["rng"][acc.process_index])
         self.step = ckpt["step"]
         print_main(acc, f"resumed from {path} at step {self.step}")
@@ -600,13 +651,16 @@ class Trainer:
     def save(self):
         from accelerate.utils import gather_object
         rng = gather_object([rng_state()])  # every process's, collected before only one writes
+        # every process takes part in gathering sharded (FSDP2) tensors; then only one writes
+        model, optimizer = gathered(self.model_state()), gathered(self.optimizer.state_dict())
+        ema = gathered(self.ema.state_dict()) if self.ema else None
         if not self.accelerator.is_main_process:
             return
         acc = self.accelerator
-        state = dict(kind=self.kind, model=self.model_state(), optimizer=self.optimizer.state_dict(),
+        state = dict(kind=self.kind, model=model, optimizer=optimizer,
                      lr_scheduler=self.lr_scheduler.state_dict(),
                      scaler=acc.scaler.state_dict() if acc.scaler else None,
-                     ema=self.ema.state_dict() if self.ema else None, step=self.step,
+                     ema=ema, step=self.step,
                      epoch=self.step // self.steps_per_epoch, config=self.config, args=vars(self.args),
                      num_processes=acc.num_processes, rng=rng)
         out = self.args.output_dir
