@@ -54,3 +54,17 @@ def test_fsdp_checkpoints_are_full_and_resume_exactly(tmp_path):
     flow.load_state_dict(a["model"])
     early = common.load_checkpoint(os.path.join(straight, "flow_2.pt"), "flow")["model"]
     assert any(not torch.equal(a["model"][k], early[k]) for k in early)  # it trained between the two
+
+
+def test_shipped_accelerate_configs_load():
+    import glob
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from transformers.models.qwen2 import modeling_qwen2
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "accelerate")
+    configs = {os.path.basename(f): load_config_from_file(f) for f in glob.glob(os.path.join(root, "*.yaml"))}
+    assert set(configs) == {"single_gpu.yaml", "ddp_8gpu.yaml", "fsdp_8gpu.yaml", "deepspeed_zero2.yaml"}
+    assert [configs[n].num_processes for n in sorted(configs)] == [8, 8, 8, 1]
+    fsdp = configs["fsdp_8gpu.yaml"].fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert hasattr(modeling_qwen2, fsdp["fsdp_transformer_layer_cls_to_wrap"])  # the class accelerate wraps
