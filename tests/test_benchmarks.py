@@ -298,3 +298,44 @@ def test_zero_shot(run, capsys):
     assert all(-1 <= r["cos"] <= 1 and 0 <= r["seen"] <= 1 for r in results)
     with pytest.raises(BadInput, match="run scripts/zero_shot.sh first"):
         zero_shot.main(argv_of(run=root, rows="capdec"))
+
+
+def test_memory_plan(capsys):
+    from benchmarks import memory_plan
+    plan = memory_plan.main([])
+    out = capsys.readouterr().out
+    assert_machine_line(out)
+    memory, hours = tables(out)
+    assert [r[0] for r in memory[1:]] == list(plan) and len(plan) == 4
+    stage2 = plan["stage 2 (Qwen/Qwen2.5-3B fully fine-tuned)"]
+    assert 3.0e9 < stage2["plain"]["trainable"] < 3.2e9  # Qwen2.5-3B, tied embeddings counted once
+    assert stage2["weights"] > 45 * 2 ** 30 > stage2["sharded"] * 5  # the issue's ~48 GB of fp32 Adam training
+    for p in plan.values():
+        assert 0 < p["checkpointed"]["per_sample"] < p["plain"]["per_sample"]
+        assert p["checkpointed"]["flops"] > p["plain"]["flops"]  # the recompute
+        b = p["batches"]
+        assert b["ddp", "ckpt"] >= b["ddp", "plain"] and b["fsdp", "plain"] >= b["ddp", "plain"]
+    assert stage2["batches"]["ddp", "plain"] < stage2["batches"]["fsdp", "ckpt"]
+
+
+def test_memory_plan_meta_counts_what_a_cpu_run_saves():
+    """The plan's method: saved-for-backward bytes and FLOPs on the meta device are a real CPU run's,
+    to the attention kernel (CPU and meta pick different ones: 0.5% of the bytes, 3% of the FLOPs here)."""
+    import torch
+
+    from benchmarks.memory_plan import measure
+    from models.flow import Flow
+    results = []
+    for device in ("cpu", "meta"):
+        zero, one = torch.zeros(4, 8, device=device), torch.ones(4, 8, device=device)
+        with torch.device(device):
+            torch.manual_seed(0)
+            flow = Flow(dict(seq_len=4, dim=8, width=16, depth=2, heads=2), zero, one, zero, one)
+
+        def step(batch):
+            x = torch.randn(batch, 4, 8, device=device)
+            return flow(x, x, torch.rand(batch, device=device))
+        results.append(measure(flow, step))
+    (cpu_static, cpu_bytes, cpu_flops), (meta_static, meta_bytes, meta_flops) = results
+    assert cpu_bytes > 0 and abs(meta_bytes - cpu_bytes) < 0.02 * cpu_bytes and cpu_static == meta_static
+    assert abs(meta_flops - cpu_flops) < 0.05 * cpu_flops
