@@ -8,6 +8,7 @@ Columns (data/judge.py reads the drawn image back, data/toy_world.parse_caption 
 - valid: the caption parses as a toy scene (1 or 2 objects, every attribute named) and the judge
   reads a scene (1 or 2 objects) in the image;
 - pair consistent: the judge reads the image as the scene its caption states, every attribute;
+- round trip: the model's own reading agrees: the caption of E(image) states the caption's scene;
 - distinct scenes among the seeds' captions, and the total-variation distance between the
   attribute distribution of the captions and that of the training scenes (mean over object count,
   colour, shape, size and position/relation);
@@ -106,15 +107,27 @@ def nearest_distance(z, train_z, chunk=256):
                       for s in range(0, len(z), chunk)])
 
 
-def score(images, captions, z, train, threshold):
+def recaption(gen, images, batch_size):
+    """The model's own reading of drawn images: E(image) -> z' -> caption(z')."""
+    transform = image_transform(gen.vlv.image_size)
+    out = []
+    for s in range(0, len(images), batch_size):
+        batch = torch.stack([transform(im) for im in images[s:s + batch_size]]).to(gen.device)
+        out += gen.vlv.caption(batch, **gen.decoding)
+    return out
+
+
+def score(images, captions, z, train, threshold, recaptions):
     scenes = [parse_caption(c) for c in captions]
     judged = [judge_image(common.to_pil(im)) for im in images]
     ok = [valid(s) for s in scenes]
     good = [s for s, v in zip(scenes, ok) if v]
     consistent = [v and attribute_scores(j, s)["all"] for v, j, s in zip(ok, judged, scenes)]
+    round_trip = [v and attribute_scores(parse_caption(r), s)["all"] for v, r, s in zip(ok, recaptions, scenes)]
     memorised = None if threshold is None else (nearest_distance(z, train["z"]) < threshold).float().mean().item()
     n = len(captions)
     return dict(n=n, valid=sum(v and valid(j) for v, j in zip(ok, judged)) / n, consistent=sum(consistent) / n,
+                round_trip=sum(round_trip) / n,
                 distinct=len({scene_key(s) for s in good}), tv=attribute_tv(good, train["scenes"]) if good else 1.0,
                 memorised=memorised)
 
@@ -157,7 +170,8 @@ def main(argv=None):
                        for s in range(0, len(seeds), args.batch_size)])
         images = [image for image, _, _ in results]
         drawn[name] = (images, [c for _, c, _ in results])
-        rows.append((name, score(images, drawn[name][1], z, train, threshold), seconds, dict(gen.last_times)))
+        rows.append((name, score(images, drawn[name][1], z, train, threshold, recaption(gen, images, args.batch_size)),
+                     seconds, dict(gen.last_times)))
 
     dataset = CocoImageCaptionDataset(os.path.join(args.run, "data"), split="val", image_size=vlv.image_size)
     transform = image_transform(vlv.image_size)
@@ -170,7 +184,8 @@ def main(argv=None):
         x, c, _ = flow_gen.decode(z[s:s + args.batch_size], latents[s:s + args.batch_size])
         images += [common.to_pil(im) for im in x]
         captions += c
-    rows.append(("real z of val images", score(images, captions, z, train, threshold), None, None))
+    rows.append(("real z of val images", score(images, captions, z, train, threshold,
+                                               recaption(flow_gen, images, args.batch_size)), None, None))
 
     speed_seeds = seeds[:args.speed_seeds]
     t = time.perf_counter()
@@ -199,12 +214,14 @@ def main(argv=None):
                  f"training z)")
     print(f"{args.num_seeds} seeds; prior: {args.ode_steps} {args.solver} steps; SD {args.num_inference_steps} DDIM "
           f"steps, guidance {args.guidance_scale}; captions: beam {args.num_beams}; memorised: {memorised}")
-    header = ["z from", "n", "valid", "pair consistent", "distinct scenes", "attribute TV to train", "memorised"]
+    header = ["z from", "n", "valid", "pair consistent", "round trip", "distinct scenes", "attribute TV to train",
+              "memorised"]
     if fids:
         header.append("FID to val images")
     table = []
     for name, r, _, _ in rows:
-        row = [name, r["n"], f"{r['valid']:.3f}", f"{r['consistent']:.3f}", r["distinct"], f"{r['tv']:.3f}",
+        row = [name, r["n"], f"{r['valid']:.3f}", f"{r['consistent']:.3f}", f"{r['round_trip']:.3f}", r["distinct"],
+               f"{r['tv']:.3f}",
                "n/a" if r["memorised"] is None else f"{r['memorised']:.3f}"]
         if fids:
             row.append(f"{fids[name]:.2f}" if name in fids else "(the reference)")

@@ -244,11 +244,12 @@ def test_generator(flows, fid_weights, tmp_path, capsys):
     out = capsys.readouterr().out
     assert_machine_line(out)
     quality, speed = tables(out)
-    assert quality[0] == ["z from", "n", "valid", "pair consistent", "distinct scenes", "attribute TV to train",
-                          "memorised", "FID to val images"]
+    assert quality[0] == ["z from", "n", "valid", "pair consistent", "round trip", "distinct scenes",
+                          "attribute TV to train", "memorised", "FID to val images"]
     assert [r[0] for r in quality[1:]] == ["flow prior", "Gaussian (mean, covariance)", "real z of val images"]
-    assert all(r[1] == "4" and 0 <= float(r[3]) <= 1 and 0 <= float(r[5]) <= 1 for r in quality[1:])
-    assert quality[3][7] == "(the reference)" and float(quality[1][7]) > 0
+    assert all(r[1] == "4" and 0 <= float(r[3]) <= 1 and 0 <= float(r[4]) <= 1 and 0 <= float(r[6]) <= 1
+               for r in quality[1:])
+    assert quality[3][8] == "(the reference)" and float(quality[1][8]) > 0
     assert [r[0] for r in speed[1:]] == ["generate_batch (batch 3, 4 seeds)", "one generate() per seed (2 seeds)"]
     assert rows["speedup"] > 0 and os.path.getsize(grid) > 0
     # the judge of a toy scene against its own caption: consistent with itself, TV 0 to itself
