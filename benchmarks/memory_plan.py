@@ -120,114 +120,130 @@ def count(module):
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
-def sd_text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
-    with META:
-        return CLIPTextModel(CLIPTextConfig(**SD21_BASE["text_encoder"])).to(BF16)
+class Stage:
+    """One training step of a stage, built from configs on `device`: trainable (what the optimizer
+    holds, in trainable_dtype), frozen (modules without gradients, in frozen_dtype), step(batch) -> loss."""
+
+    def __init__(self, trainable, frozen, step, source=None):
+        self.trainable, self.frozen, self.step, self.source = trainable, frozen, step, source
 
 
-def vision_encoder(args):
-    from models.vision_to_textemb import VisionToTextEmb
-    with META:
-        return VisionToTextEmb(77, 1024, backbone=common.PRESETS[args.preset]["all"]["backbone"]).to(BF16)
-
-
-def stage1(args, checkpointing):
+def build_stage1(sizes, device, trainable_dtype, frozen_dtype, checkpointing):
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from models.frozen_sd21 import FrozenSD
-    with META:
-        unet = UNet2DConditionModel(**SD21_BASE["unet"]).to(BF16)
-        vae = AutoencoderKL(**SD21_BASE["vae"]).to(BF16)
-    text, encoder = sd_text_encoder(), vision_encoder(args)
+    from models.vision_to_textemb import VisionToTextEmb
+    with torch.device(device):
+        unet = UNet2DConditionModel(**sizes["unet"]).to(frozen_dtype)
+        vae = AutoencoderKL(**sizes["vae"]).to(frozen_dtype)
+        text = CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"])).to(frozen_dtype)
+        encoder = VisionToTextEmb(sizes["seq_len"], sizes["dim"], backbone=sizes["backbone"]).to(trainable_dtype)
     for m in (unet, vae, text):
         m.requires_grad_(False).eval()
     if checkpointing:
         unet.enable_gradient_checkpointing()
     sd = types.SimpleNamespace(cond_mode="text_encoder", text_encoder=text, unet=unet)  # what condition() reads
-    side = args.image_size // 8
+    size, side = sizes["image_size"], sizes["image_size"] // 8
 
     def step(batch):
-        z = encoder(torch.rand(batch, 3, args.image_size, args.image_size, device=META, dtype=BF16))
+        z = encoder(torch.rand(batch, 3, size, size, device=device, dtype=trainable_dtype))
         cond = FrozenSD.condition(sd, z)
-        noisy = torch.randn(batch, 4, side, side, device=META, dtype=BF16)
-        pred = unet(noisy, torch.zeros(batch, device=META), encoder_hidden_states=cond).sample
+        noisy = torch.randn(batch, 4, side, side, device=device, dtype=frozen_dtype)
+        pred = unet(noisy, torch.full((batch,), 500, device=device), encoder_hidden_states=cond).sample
         return pred.float().pow(2).mean()
 
-    whole = nn.ModuleList([encoder, unet, vae, text])
-    return dict(trainable=count(encoder), frozen=count(unet) + count(vae) + count(text),
-                **dict(zip(("static", "per_sample", "flops"), measure(whole, step))))
+    return Stage(encoder, [unet, vae, text], step)
 
 
-def stage2(args, checkpointing):
-    from transformers import AutoModelForCausalLM
-    config, source = llm_config(args.llm)
-    with META:
-        lm = AutoModelForCausalLM.from_config(config, dtype=BF16)
+def build_stage2(sizes, device, trainable_dtype, frozen_dtype, checkpointing):
+    from transformers import AutoModelForCausalLM, CLIPTextConfig, CLIPTextModel
+
+    from models.vision_to_textemb import VisionToTextEmb
+    with torch.device(device):
+        lm = AutoModelForCausalLM.from_config(sizes["llm"], dtype=trainable_dtype)
         hidden = lm.get_input_embeddings().embedding_dim
-        psi = nn.Sequential(nn.Linear(1024, hidden), nn.GELU(), nn.Linear(hidden, hidden)).to(BF16)  # proj="mlp"
+        d = sizes["dim"]
+        psi = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden)).to(trainable_dtype)  # "mlp"
+        # frozen at this stage: the stage-1 encoder and SD's text encoder (cond(z)), run without gradients
+        frozen = [VisionToTextEmb(sizes["seq_len"], d, backbone=sizes["backbone"]).to(frozen_dtype),
+                  CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"])).to(frozen_dtype)]
     lm.tie_weights()
     lm.train()
     if checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    tokens = args.caption_tokens
+    L, tokens = sizes["seq_len"], sizes["caption_tokens"]
+    vocab = lm.config.vocab_size
 
     def step(batch):
-        prefix = psi(torch.randn(batch, 77, 1024, device=META, dtype=BF16))
-        words = lm.get_input_embeddings()(torch.zeros(batch, tokens, dtype=torch.long, device=META))
-        labels = torch.cat([torch.full((batch, 77), -100, device=META, dtype=torch.long),
-                            torch.zeros(batch, tokens, dtype=torch.long, device=META)], 1)
+        prefix = psi(torch.randn(batch, L, d, device=device, dtype=trainable_dtype))
+        ids = torch.randint(0, vocab, (batch, tokens), device=device)
+        words = lm.get_input_embeddings()(ids)
+        labels = torch.cat([torch.full((batch, L), -100, device=device, dtype=torch.long), ids], 1)
         # A ready 4D causal mask: transformers' own mask building looks at values, which meta tensors lack.
         n = labels.shape[1]
-        mask = torch.ones(n, n, dtype=torch.bool, device=META).tril().expand(batch, 1, n, n)
-        return lm(inputs_embeds=torch.cat([prefix, words], 1), attention_mask=mask, labels=labels,
+        mask = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(batch, 1, n, n)
+        return lm(inputs_embeds=torch.cat([prefix, words.to(prefix.dtype)], 1), attention_mask=mask, labels=labels,
                   use_cache=False).loss
 
-    # frozen at this stage: the stage-1 encoder and SD's text encoder (cond(z)), run without gradients
-    frozen = count(vision_encoder(args)) + count(sd_text_encoder())
-    return dict(trainable=count(lm) + count(psi), frozen=frozen, source=source,
-                **dict(zip(("static", "per_sample", "flops"), measure(nn.ModuleList([lm, psi]), step))))
+    return Stage(nn.ModuleList([lm, psi]), frozen, step, source=sizes.get("llm_source"))
 
 
-def flow_stage(args, checkpointing):
+def build_flow(sizes, device, trainable_dtype, frozen_dtype, checkpointing):
     from models.checkpointing import checkpoint_submodules
     from models.flow import Block, Flow
-    zero, one = torch.zeros(77, 1024, device=META), torch.ones(77, 1024, device=META)
-    with META:
-        flow = Flow(dict(seq_len=77, dim=1024, depth=4, heads=4), zero, one, zero, one)
+    L, D = sizes["seq_len"], sizes["dim"]
+    zero, one = torch.zeros(L, D, device=device), torch.ones(L, D, device=device)
+    with torch.device(device):
+        flow = Flow(dict(seq_len=L, dim=D, depth=4, heads=4), zero, one, zero, one).to(trainable_dtype)
     if checkpointing:
         checkpoint_submodules(flow.net, lambda m: isinstance(m, Block))
 
     def step(batch):
-        x = torch.randn(batch, 77, 1024, device=META)
-        return flow(x, x, torch.rand(batch, device=META))
+        x = torch.randn(batch, L, D, device=device, dtype=trainable_dtype)
+        return flow(x, x, torch.rand(batch, device=device))
 
-    return dict(trainable=count(flow), frozen=0,
-                **dict(zip(("static", "per_sample", "flops"), measure(flow, step))))
+    return Stage(flow, [], step)
 
 
-def bridge_stage(args, checkpointing):
+def build_bridge(sizes, device, trainable_dtype, frozen_dtype, checkpointing):
     from denoising_diffusion_pytorch.denoising_diffusion_pytorch_1d import ResnetBlock, Residual
 
     from models.bridge import Bridge, default_config
     from models.checkpointing import checkpoint_submodules
-    with META:
-        bridge = Bridge(default_config(77, 1024))
+    L, D = sizes["seq_len"], sizes["dim"]
+    with torch.device(device):
+        unet = Bridge(default_config(L, D)).unet.to(trainable_dtype)
     if checkpointing:
-        checkpoint_submodules(bridge.unet, lambda m: isinstance(m, (ResnetBlock, Residual)))
+        checkpoint_submodules(unet, lambda m: isinstance(m, (ResnetBlock, Residual)))
 
     def step(batch):
-        x = torch.randn(batch, 77, 1024, device=META)
-        return bridge.unet(x, torch.zeros(batch, device=META)).pow(2).mean()
+        x = torch.randn(batch, L, D, device=device, dtype=trainable_dtype)
+        return unet(x, torch.full((batch,), 500.0, device=device)).pow(2).mean()
 
-    return dict(trainable=count(bridge.unet), frozen=0,
-                **dict(zip(("static", "per_sample", "flops"), measure(bridge.unet, step))))
+    return Stage(unet, [], step)
 
 
-STAGES = {"stage 1 (E through the frozen SD 2.1-base UNet, 384 px)": stage1,
-          "stage 2 (Qwen2.5-3B fully fine-tuned)": stage2,
-          "flow on z (77 x 1024, width 1024, depth 4)": flow_stage,
-          "bridge (Unet1D, the paper's recipe)": bridge_stage}
+def paper_sizes(args):
+    """The shapes of the paper's run: SD 2.1-base, z 77 x 1024, the --llm's config."""
+    config, source = llm_config(args.llm)
+    return dict(SD21_BASE, llm=config, llm_source=source, image_size=args.image_size, seq_len=77, dim=1024,
+                backbone=common.PRESETS[args.preset]["all"]["backbone"], caption_tokens=args.caption_tokens)
+
+
+def planned(build, sizes, checkpointing, dtype):
+    """A stage's parameter counts and measure() on the meta device, every network in dtype (bf16 for
+    the big ones, standing for autocast; the flow and the bridge run fp32 ops inside)."""
+    stage = build(sizes, META, dtype, dtype, checkpointing)
+    whole = nn.ModuleList([stage.trainable, *stage.frozen])
+    return dict(trainable=count(stage.trainable), frozen=sum(count(m) for m in stage.frozen), source=stage.source,
+                **dict(zip(("static", "per_sample", "flops"), measure(whole, stage.step))))
+
+
+STAGES = {"stage 1 (E through the frozen SD 2.1-base UNet, 384 px)": (build_stage1, BF16),
+          "stage 2 (Qwen2.5-3B fully fine-tuned)": (build_stage2, BF16),
+          "flow on z (77 x 1024, width 1024, depth 4)": (build_flow, torch.float32),
+          "bridge (Unet1D, the paper's recipe)": (build_bridge, torch.float32)}
 
 
 def largest_batch(usable, weights, static, per_sample):
@@ -239,11 +255,11 @@ def main(argv=None):
     args = parse_args(argv)
     gib = 2 ** 30
     usable = 0.85 * args.gpu_gb * 1e9
-    plan, rows = {}, []
-    for name, build in STAGES.items():
+    plan, rows, sizes = {}, [], paper_sizes(args)
+    for name, (build, dtype) in STAGES.items():
         if "Qwen" in name:
             name = f"stage 2 ({args.llm} fully fine-tuned)"
-        plain, ckpt = build(args, False), build(args, True)
+        plain, ckpt = planned(build, sizes, False, dtype), planned(build, sizes, True, dtype)
         weights = 16 * plain["trainable"] + 2 * plain["frozen"]
         sharded = 16 * plain["trainable"] / args.gpus + 2 * plain["frozen"]
         batches = {(s, c): largest_batch(usable, w, r["static"], r["per_sample"])

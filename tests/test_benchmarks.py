@@ -340,3 +340,21 @@ def test_memory_plan_meta_counts_what_a_cpu_run_saves():
     (cpu_static, cpu_bytes, cpu_flops), (meta_static, meta_bytes, meta_flops) = results
     assert cpu_bytes > 0 and abs(meta_bytes - cpu_bytes) < 0.02 * cpu_bytes and cpu_static == meta_static
     assert abs(meta_flops - cpu_flops) < 0.05 * cpu_flops
+
+
+def test_gpu_step_runs_its_code_on_tiny_configs(capsys):
+    from benchmarks import gpu_step
+    results = gpu_step.main(["--device", "cpu", "--sizes", "tiny", "--stage1_batch", "2", "--stage2_batch", "2",
+                             "--steps", "1", "--precisions", "bf16"])
+    out = capsys.readouterr().out
+    assert_machine_line(out)
+    table = tables(out)[0]
+    assert table[0] == ["stage", "batch", "checkpointing", "precision", "peak GiB (measured)",
+                        "plan GiB (memory_plan)", "s/step"]
+    assert [(r[0], r[2]) for r in table[1:]] == [("stage 1", "off"), ("stage 1", "on"), ("stage 2", "off"),
+                                                 ("stage 2", "on")]
+    assert all(peak is None and seconds > 0 for peak, seconds in results.values())
+    import torch
+    if not torch.cuda.is_available():
+        with pytest.raises(BadInput, match="no CUDA GPU here"):
+            gpu_step.main(["--device", "cuda"])
