@@ -105,14 +105,21 @@ def build_demo(gen, enhancer=None, num_beams=3):
                 vlv.enhancer = None
         return text, drawn[0], drawn[1]
 
+    def seed_of(value, what="seed"):
+        if value is None or not 0 <= value <= MAX_SEED:
+            raise gr.Error(f"The {what} must be a whole number from 0 to {MAX_SEED}.")
+        return int(value)
+
     def generate(seed=0):
+        seed = seed_of(seed)
         with lock:
-            image, text, meta = gen.generate_with_metadata(int(seed))
+            image, text, meta = gen.generate_with_metadata(seed)
         return image, text, meta
 
     def gallery(first_seed=0, count=8):
+        first = seed_of(first_seed, "first seed")
         with lock:
-            results = gen.generate_batch(range(int(first_seed), int(first_seed) + int(count)), progress=False)
+            results = gen.generate_batch(range(first, min(first + int(count), MAX_SEED + 1)), progress=False)
         return [(image, f"{meta['seed']}: {text}") for image, text, meta in results]
 
     with gr.Blocks(title="VLV: image <-> z <-> caption", analytics_enabled=False) as demo:

@@ -285,6 +285,17 @@ def test_demo_says_in_the_page_when_the_upload_is_not_an_image(served, tmp_path)
         Client(url, verbose=False).predict(handle_file(str(bad)), api_name="/caption")
 
 
+def test_demo_says_in_the_page_when_the_seed_is_out_of_range(served):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    url, _ = served
+    client = Client(url, verbose=False)
+    with pytest.raises(AppError, match="Value -3 is less than minimum value 0"):  # Gradio's own check
+        client.predict(-3, api_name="/generate")
+    with pytest.raises(AppError, match="The seed must be a whole number from 0 to 2147483647"):
+        client.predict(None, api_name="/generate")
+
+
 def find_chromium():
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)
