@@ -860,7 +860,7 @@ def load_prior(path, vlv, ode_steps=16, solver="heun"):
     if os.path.isdir(path) and not list_checkpoints(path, "flow"):
         die(f"{path} holds no flow_{{step}}.pt; train the prior (train_flowmatching.py --mode prior "
             f"--output_dir {path}) or {fix}")
-    path = resolve_checkpoint(path, "flow") if os.path.isdir(path) else path
+    path = resolve_checkpoint(path, "flow")  # a folder: its newest
     ckpt, kind = read_passed_checkpoint(path, "prior", fix)
     config = ckpt.get("config", {}) if kind else {}
     if kind not in ("flow", "flow_baseline") or config.get("mode") != "prior":

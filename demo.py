@@ -29,9 +29,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_generator_args(p)
-    p.add_argument("--enhancer", default=None,
-                   help="the caption tab's enhancer (a flow checkpoint or folder); default RUN/flow_degrade when "
-                        "there, else none")
+    # the caption tab's enhancer, with infer.py's flags; its default: RUN/flow_degrade when there, else none
+    common.add_enhancer_args(p).set_defaults(enhancer=None)
     p.add_argument("--host", default="127.0.0.1", help="the address to serve on (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--num_inference_steps", type=int, default=20)
@@ -44,13 +43,11 @@ def parse_args(argv=None):
     return args
 
 
-def load_enhancer(path, vlv):
+def load_enhancer(args, vlv):
     """The caption tab's optional enhancer (through common.load_enhancer's checks), or None."""
-    if path in (None, "none"):
+    if args.enhancer in (None, "none"):
         return None
-    flags = argparse.Namespace(enhancer=path, enhancer_t0=0.0, enhancer_steps=8, enhancer_solver="euler",
-                               bridge_t0=600, bridge_steps=5, refine_steps=10, refine_lr=0.05)
-    enhancer = common.load_enhancer(flags, vlv)
+    enhancer = common.load_enhancer(args, vlv)
     vlv.enhancer = None  # switched on per request
     return enhancer
 
@@ -171,7 +168,7 @@ def main(argv=None):
                                 ode_steps=args.ode_steps, solver=args.solver,
                                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                 decoding=dict(num_beams=args.num_beams))
-    enhancer = load_enhancer(args.enhancer, gen.vlv)
+    enhancer = load_enhancer(args, gen.vlv)
     demo = build_demo(gen, enhancer, args.num_beams)
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr)
     demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=False)

@@ -39,7 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--stage1_batch", type=int, default=64, help="the paper's 64 images per GPU")
     p.add_argument("--stage2_batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=3, help="timed steps, after one warm-up step")
-    p.add_argument("--precisions", default="bf16,fp16")
+    p.add_argument("--precisions", default="bf16,fp16",
+                   help="the GPU's autocast precisions to measure (with --device cpu, bf16 is emulated on CPUs "
+                        "without AMX or AVX512-BF16, about 10x slower than fp32)")
     return p.parse_args(argv)
 
 
