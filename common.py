@@ -128,7 +128,16 @@ def add_feature_data_args(parser):
     g.add_argument("--val_split", default="val", help="pairs the run reports on; 'none': no report")
     g.add_argument("--num_val_images", type=int, default=256)
     g.add_argument("--feature_batch_size", type=int, default=256, help="images or captions per batch when extracting")
+    g.add_argument("--features_cache", default=None,
+                   help="the safetensors file the extracted embeddings are cached in (default: "
+                        "OUTPUT_DIR/features.safetensors); runs of a sweep on one encoder and data can share "
+                        "one: a file extracted with other settings is extracted again")
     return g
+
+
+def features_cache(args):
+    """Where a feature stage caches its training split's embeddings (--features_cache)."""
+    return args.features_cache or os.path.join(args.output_dir, "features.safetensors")
 
 
 def add_precision_arg(group):
@@ -467,7 +476,7 @@ FREE_ON_RESUME = {"output_dir", "resume_from", "checkpointing_steps", "checkpoin
                   "validation_steps", "num_validation_images", "num_workers", "report_to", "preset",
                   "num_inference_steps", "guidance_scale", "num_beams", "max_new_tokens", "num_threads",
                   # the length: a longer run goes on from the checkpoint (Trainer.resume says so)
-                  "max_steps", "epochs",
+                  "max_steps", "epochs", "features_cache",
                   # recomputes the same activations: the trajectory does not change
                   "gradient_checkpointing"}
 

@@ -112,7 +112,7 @@ def side_features(args, encoder, sd, info, image_size, split, limit, device):
     settings = dict(encoder=info["encoder_fingerprint"], text_encoder=common.text_encoder_fingerprint(sd),
                     split=split, image_size=image_size, subset_ratio=ratio, karpathy_json=args.karpathy_json,
                     seed=args.seed, data_format=args.data_format)
-    return common.cached_features(os.path.join(args.output_dir, "features.safetensors"), settings, compute)
+    return common.cached_features(common.features_cache(args), settings, compute)
 
 
 def cosine(a, b):

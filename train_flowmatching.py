@@ -1,9 +1,10 @@
 """Flow matching on z: a feature enhancer (corrupted -> clean, visual -> text) or a prior over z.
 
 The encoder's embeddings of the training images (and captions) are extracted once and cached in
---output_dir/features.safetensors; the flow trains on them (models/flow.py). Modes, x0 -> x1:
+--output_dir/features.safetensors (or --features_cache); the flow trains on them (models/flow.py). Modes, x0 -> x1:
   denoise      z + Gaussian noise (--noise_std times z's per-element std) -> z (the seed's recipe)
-  degrade      z of a corrupted copy of the image (--degradations, one drawn per copy) -> z
+  degrade      z of a corrupted copy of the image (--degradations, one drawn per copy) -> z, and
+               z -> z (--clean_copies)
   visual2text  cond(z) -> T(caption), the SD text encoder's embedding of one of its captions
   prior        N(0, I) -> z standardised per element (what the generator samples from)
 Beside the flow, the run fits its closed-form baseline on the same pairs (a ridge map; for the
@@ -50,6 +51,9 @@ def build_parser():
                    help=f"degrade: corruptions to draw from, comma-separated ({', '.join(DEGRADATIONS)})")
     g.add_argument("--degraded_copies", type=int, default=4,
                    help="degrade: corrupted copies of each training image (each a random kind and strength)")
+    g.add_argument("--clean_copies", type=int, default=1,
+                   help="degrade: clean -> clean pairs per training image, beside the corrupted copies: "
+                        "they teach the flow to leave an uncorrupted z alone (0: corrupted pairs only)")
     g.add_argument("--ridge_alpha", type=float, default=1e-3,
                    help="the baseline's ridge penalty, relative to the mean diagonal of X^T X")
     g = p.add_argument_group("velocity network")
@@ -71,6 +75,8 @@ def parse_args(argv=None):
         parse_degradations(args.degradations)
         if args.degraded_copies < 1:
             common.die(f"--degraded_copies {args.degraded_copies}: must be at least 1")
+        if args.clean_copies < 0:
+            common.die(f"--clean_copies {args.clean_copies}: must be 0 or more")
     if args.mode == "denoise" and args.noise_std <= 0:
         common.die(f"--noise_std {args.noise_std}: must be above 0")
     args.stage1_ckpt = common.resolve_checkpoint(args.stage1_ckpt, "vision_encoder")
@@ -113,19 +119,20 @@ def split_features(args, encoder, sd, info, image_size, split, limit, device):
                     copies=args.degraded_copies if kinds else 0)
     if split != args.split:  # the val pairs are few: extracted afresh, not cached
         return compute()
-    return common.cached_features(os.path.join(args.output_dir, "features.safetensors"), settings, compute)
+    return common.cached_features(common.features_cache(args), settings, compute)
 
 
 class Pairs:
     """(x0, x1) of a mode for item indices, in raw units, on `device`. Noise (denoise's x0, the
     prior's x0) comes from the global RNG, so a resumed run draws what an unbroken one draws."""
 
-    def __init__(self, mode, feats, device, noise_std=0.0, z_std=None):
+    def __init__(self, mode, feats, device, noise_std=0.0, z_std=None, clean_copies=0):
         self.mode, self.noise_std, self.z_std = mode, noise_std, z_std
         self.f = {k: v.to(device) for k, v in feats.items() if k != "position"}
         self.num_images = self.f["z"].shape[0]
-        if mode == "degrade":  # every corrupted copy of every image
-            self.size = self.f["z_degraded"].shape[0] * self.num_images
+        if mode == "degrade":  # every corrupted copy of every image, then clean_copies of z itself
+            self.copies = self.f["z_degraded"].shape[0]
+            self.size = (self.copies + clean_copies) * self.num_images
         elif mode == "visual2text":  # every caption
             self.size = self.f["text"].shape[0]
         else:
@@ -134,7 +141,10 @@ class Pairs:
     def __call__(self, idx):
         f = self.f
         if self.mode == "degrade":
-            return f["z_degraded"][idx // self.num_images, idx % self.num_images], f["z"][idx % self.num_images]
+            copy, image = idx // self.num_images, idx % self.num_images
+            x1 = f["z"][image]
+            x0 = f["z_degraded"][copy.clamp(max=self.copies - 1), image]
+            return torch.where((copy < self.copies).view(-1, 1, 1), x0, x1), x1
         if self.mode == "visual2text":
             return f["cond"][f["text_image"][idx]], f["text"][idx]
         x1 = f["z"][idx]
@@ -178,7 +188,8 @@ def main(argv=None):
 
     feats = split_features(args, encoder, sd, info, image_size, args.split, None, device)
     z_mean, z_std = stats(feats["z"])
-    pairs = Pairs(args.mode, feats, device, args.noise_std, z_std.to(device))
+    clean_copies = args.clean_copies if args.mode == "degrade" else 0
+    pairs = Pairs(args.mode, feats, device, args.noise_std, z_std.to(device), clean_copies)
     if args.mode == "visual2text":
         (source_mean, source_std), (target_mean, target_std) = stats(feats["cond"]), stats(feats["text"])
     elif args.mode == "prior":
@@ -193,7 +204,8 @@ def main(argv=None):
     # What inference needs to rebuild and check the flow.
     config = dict(mode=args.mode, space=SPACE[args.mode], net=flow.net.config, **info, image_size=image_size,
                   noise_std=args.noise_std if args.mode == "denoise" else None,
-                  degradations=args.degradations if args.mode == "degrade" else None)
+                  degradations=args.degradations if args.mode == "degrade" else None,
+                  clean_copies=clean_copies if args.mode == "degrade" else None)
     if accelerator.is_main_process:
         common.save_json(os.path.join(args.output_dir, "config.json"), config)
         baseline = fit_baseline(args, pairs, config)

@@ -5,7 +5,8 @@ per image), captioned without an enhancer, with the ridge map fitted on the flow
 with the flow; the cells are the share of seen val images whose caption names every attribute
 right. "won back" = (enhanced - none) / (clean - none) of each row: the share of the loss
 recovered. Goal: the flow wins back at least half on average and costs at most 1 point on clean
-images. A second table: what each enhancer adds to the time of captioning an image.
+images. Then the mean cos(z the captioner reads, clean z) of each cell (what the enhancer does to
+z, whatever the captioner makes of it), and what each enhancer adds to the time of captioning.
 
     python -m benchmarks.enhance_degrade --run checkpoints/toy       # RUN/stage1, stage2, flow_degrade, data
 """
@@ -20,7 +21,10 @@ import common
 import errors
 from data.coco import CocoImageCaptionDataset, image_transform, load_rgb
 from data.degrade import DEGRADATIONS, degrade
+from data import toy_world
 from data.toy_world import attribute_scores, grouped_accuracy, parse_caption
+
+VAL_WORLD_SEED = 1  # the pipeline's world is seed 0
 
 
 def parse_args(argv=None):
@@ -28,9 +32,14 @@ def parse_args(argv=None):
     p.add_argument("--run", default="checkpoints/toy", help="the toy pipeline's output folder")
     p.add_argument("--flow", default=None, help="default: RUN/flow_degrade (its newest flow)")
     p.add_argument("--num_samples", type=int, default=None, help="first N val images (default: all)")
+    p.add_argument("--val_world", type=int, default=None,
+                   help="N: read a fresh toy val split of N images (generated once into RUN/val_world_N, "
+                        "another seed than the run's data) instead of RUN/data's 200: finer than 1/131 a cell")
     p.add_argument("--batch_size", type=int, default=100)
     p.add_argument("--enhancer_steps", type=int, default=8)
     p.add_argument("--enhancer_solver", default="euler")
+    p.add_argument("--enhancer_t0", type=float, default=0.0,
+                   help="start the flow's ODE at t0 (0: from the corrupted z)")
     p.add_argument("--num_beams", type=int, default=3)
     return p.parse_args(argv)
 
@@ -38,6 +47,16 @@ def parse_args(argv=None):
 def seen_all_right(captions, infos):
     results = [attribute_scores(parse_caption(c), info["scene"]) for c, info in zip(captions, infos)]
     return grouped_accuracy(results, infos)["seen"]["all"]["accuracy"]
+
+
+def val_data(args):
+    """The data folder whose val split the table reads (--val_world: generated on first use)."""
+    if args.val_world is None:
+        return os.path.join(args.run, "data")
+    path = os.path.join(args.run, f"val_world_{args.val_world}")
+    if not os.path.isfile(os.path.join(path, "annotations", "captions_val2017.json")):
+        toy_world.generate(path, num_train=0, num_val=args.val_world, seed=VAL_WORLD_SEED)
+    return path
 
 
 def main(argv=None):
@@ -50,26 +69,35 @@ def main(argv=None):
         common.die(f"no degrade flow at {flow_dir}; train one with train_flowmatching.py --mode degrade")
     torch.manual_seed(0)
     vlv = common.load_vlv(os.path.join(args.run, "stage1"), os.path.join(args.run, "stage2"))
-    dataset = CocoImageCaptionDataset(os.path.join(args.run, "data"), split="val", image_size=vlv.image_size)
+    dataset = CocoImageCaptionDataset(val_data(args), split="val", image_size=vlv.image_size)
     ids = [i for i in dataset.image_ids if dataset.images_info[i].get("scene")][:args.num_samples]
     infos = [dataset.images_info[i] for i in ids]
     transform = image_transform(vlv.image_size)
     clean = torch.stack([transform(load_rgb(dataset.image_path(i))) for i in ids])
     enhancers = {}
     for name, spec in (("none", "none"), ("ridge", os.path.join(flow_dir, "baseline.pt")), ("flow", flow_dir)):
-        flags = argparse.Namespace(enhancer=spec, enhancer_steps=args.enhancer_steps, enhancer_t0=0.0,
+        flags = argparse.Namespace(enhancer=spec, enhancer_steps=args.enhancer_steps, enhancer_t0=args.enhancer_t0,
                                    enhancer_solver=args.enhancer_solver, bridge_t0=600, bridge_steps=5)
         enhancers[name] = common.load_enhancer(flags, vlv)
     decoding = dict(num_beams=args.num_beams)
 
+    def batches(images):
+        return [images[s:s + args.batch_size] for s in range(0, len(images), args.batch_size)]
+
     def captions(images, name):
         vlv.enhancer = enhancers[name]
-        out = []
-        for s in range(0, len(images), args.batch_size):
-            out += vlv.caption(images[s:s + args.batch_size], **decoding)
-        return out
+        return [c for b in batches(images) for c in vlv.caption(b, **decoding)]
 
-    rows, table, seconds = {}, [], {}
+    def cos_to_clean(images, name):  # of the z the captioner reads (after the enhancer)
+        vlv.enhancer = enhancers[name]
+        with torch.no_grad():
+            z = torch.cat([vlv.embed(b)[0] for b in batches(images)])
+        return torch.nn.functional.cosine_similarity(z.flatten(1), clean_z.flatten(1)).mean().item()
+
+    with torch.no_grad():
+        clean_z = torch.cat([vlv.encoder(b) for b in batches(clean)])
+
+    rows, table, seconds, cosines = {}, [], {}, []
     for kind in ["clean"] + list(DEGRADATIONS):
         images = clean if kind == "clean" else torch.stack([degrade(x, kind, int(i)) for x, i in zip(clean, ids)])
         rows[kind] = {}
@@ -77,6 +105,7 @@ def main(argv=None):
             start = time.perf_counter()
             rows[kind][name] = seen_all_right(captions(images, name), infos)
             seconds.setdefault(name, []).append(time.perf_counter() - start)
+        cosines.append([kind] + [f"{cos_to_clean(images, n):.4f}" for n in enhancers])
         print(f"{kind}: " + ", ".join(f"{n} {v:.3f}" for n, v in rows[kind].items()), file=sys.stderr, flush=True)
     won = {name: [] for name in ("ridge", "flow")}
     for kind, r in rows.items():
@@ -97,9 +126,12 @@ def main(argv=None):
     table.append(["won back of the mean loss", "", "", "", *[f"{pooled[n]:.2f}" for n in won]])
     print(common.machine_description())
     print(f"captions' seen all-right accuracy on {len(ids)} toy val images ({sum(not i['heldout'] for i in infos)} "
-          f"seen), beam {args.num_beams}, flow {args.enhancer_steps} {args.enhancer_solver} steps")
+          f"seen), beam {args.num_beams}, flow {args.enhancer_steps} {args.enhancer_solver} steps "
+          f"from t0 {args.enhancer_t0:g}")
     print(common.markdown_table(["val images", "no enhancer", "ridge map", "flow", "ridge won back", "flow won back"],
                                 table))
+    print()
+    print(common.markdown_table(["val images", "cos(z, clean z): no enhancer", "ridge map", "flow"], cosines))
     per_image = {n: 1000 * sum(s) / (len(s) * len(ids)) for n, s in seconds.items()}
     print()
     print(common.markdown_table(["enhancer", "ms per image (encoder + enhancer + captioner)", "cost over captioning"],

@@ -41,7 +41,7 @@ timed "captions + regenerations + metrics" $PY eval_captioning.py --stage1_ckpt 
   --out_jsonl "$OUT/eval/preds.jsonl" --regen --num_inference_steps 20 --guidance_scale 2.0 --batch_size 50
 
 timed "enhancer table (benchmarks.enhance_degrade)" $PY -m benchmarks.enhance_degrade --run "$OUT" \
-  > "$OUT/eval/enhance_degrade.md"
+  --val_world 1000 > "$OUT/eval/enhance_degrade.md"
 
 timed "joint generation (benchmarks.generator)" $PY -m benchmarks.generator --run "$OUT" \
   > "$OUT/eval/generator.md"

@@ -228,12 +228,17 @@ def test_enhance_degrade(flows, capsys):
     rows = enhance_degrade.main(argv_of(run=flows["root"], num_samples=4, enhancer_steps=1, num_beams=1))
     out = capsys.readouterr().out
     assert_machine_line(out)
-    accuracy, cost = tables(out)
+    accuracy, cosines, cost = tables(out)
     assert accuracy[0] == ["val images", "no enhancer", "ridge map", "flow", "ridge won back", "flow won back"]
+    assert cosines[1][:2] == ["clean", "1.0000"]  # clean z against itself
     assert [r[0] for r in accuracy[1:]] == ["clean", "noise", "blur", "jpeg", "downscale",
                                         "mean of the corruptions (won back: mean of the rows' shares)",
                                         "won back of the mean loss"]
     assert set(rows["clean"]) == {"none", "ridge", "flow"} and [r[0] for r in cost[1:]] == ["none", "ridge", "flow"]
+    # a fresh val split, generated once beside the run
+    enhance_degrade.main(argv_of(run=flows["root"], val_world=8, enhancer_steps=1, num_beams=1))
+    assert "on 8 toy val images" in capsys.readouterr().out
+    assert os.path.isfile(os.path.join(flows["root"], "val_world_8", "annotations", "captions_val2017.json"))
 
 
 def test_generator(flows, fid_weights, tmp_path, capsys):
@@ -358,3 +363,23 @@ def test_gpu_step_runs_its_code_on_tiny_configs(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(BadInput, match="no CUDA GPU here"):
             gpu_step.main(["--device", "cuda"])
+
+
+def test_enhance_denoise_trains_a_flow_per_level_on_one_extraction(flows, capsys):
+    from benchmarks import enhance_denoise
+    tiny = ("--width 16 --depth 1 --heads 2 --batch_size 4 --lr_warmup_steps 1 --validation_steps 0 "
+            "--feature_batch_size 8 --mixed_precision no")
+    results = enhance_denoise.main(argv_of(run=flows["root"], noise_stds="0.5,1.0", max_steps=2, num_samples=4,
+                                           enhancer_steps=1, num_beams=1, flow_args=tiny))
+    captured = capsys.readouterr()
+    assert_machine_line(captured.out)
+    assert captured.err.count("features: reusing") == 1  # the second level reads the first's extraction
+    for s in (0.5, 1.0):
+        assert os.path.isfile(os.path.join(flows["root"], f"flow_denoise_{s:g}", "flow_2.pt"))
+    (table,) = tables(captured.out)
+    assert table[0] == ["z", "cos noisy", "cos ridge", "cos flow", "all-right noisy", "all-right ridge",
+                        "all-right flow"]
+    assert [r[0] for r in table[1:]] == ["clean", "noise 0.5 x std", "noise 1 x std"]
+    assert 1 > results[0.5]["noisy"][0] > results[1.0]["noisy"][0]  # more noise, further from z
+    with pytest.raises(BadInput, match="--noise_stds"):
+        enhance_denoise.parse_args(["--noise_stds", "0.5,-1"])

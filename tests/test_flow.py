@@ -150,6 +150,17 @@ def read_features_file(path):
     return load_file(path)
 
 
+def test_degrade_pairs_include_clean_copies():
+    z = torch.randn(3, 2, 4)
+    feats = dict(z=z, z_degraded=torch.randn(2, 3, 2, 4))  # 2 corrupted copies of 3 images
+    pairs = train_flowmatching.Pairs("degrade", feats, "cpu", clean_copies=1)
+    assert pairs.size == 9
+    x0, x1 = pairs(torch.arange(9))
+    assert torch.equal(x1, z.repeat(3, 1, 1))
+    assert torch.equal(x0[:6], feats["z_degraded"].flatten(0, 1)) and torch.equal(x0[6:], z)
+    assert train_flowmatching.Pairs("degrade", feats, "cpu").size == 6
+
+
 @pytest.mark.parametrize("mode", ["denoise", "degrade"])  # noise drawn per step; fixed pairs
 def test_flow_resumed_run_equals_uninterrupted(world, flows, tmp_path, mode):
     out = str(tmp_path / "resumed")
