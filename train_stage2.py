@@ -85,6 +85,10 @@ def build_parser():
     g.add_argument("--qformer_heads", type=int, default=12)
     g.add_argument("--num_query_tokens", type=int, default=32)
     g.add_argument("--num_name_queries", type=int, default=8)
+    g.add_argument("--names_in_prompt", action=argparse.BooleanOptionalAction, default=False,
+                   help="also write the retrieved names into the prompt as words (ViECap's entity-aware hard "
+                        "prompt: 'There are <Names> in the image.'), which a trained LM can copy; EVCap: off")
+    g.add_argument("--name_tokens", type=int, default=32, help="--names_in_prompt: the names' slot, in tokens")
     g.add_argument("--finetune_qformer", action=argparse.BooleanOptionalAction, default=False,
                    help="train both Q-Formers (EVCap: frozen, from BLIP-2; the toy world has no pretrained one)")
     g = p.add_argument_group("toy world")
@@ -145,6 +149,9 @@ def parse_args(argv=None):
     args.proj = args.proj or "mlp"
     if args.prompt is not None and args.captioner == "prefix":
         common.die("--prompt is for --captioner blip and evcap; the prefix captioner reads z alone")
+    if args.names_in_prompt and args.captioner != "evcap":
+        common.die(f"--names_in_prompt writes the memory's names into EVCap's prompt; --captioner {args.captioner} "
+                   f"has no memory: use --captioner evcap")
     if args.memory and args.captioner != "evcap":
         common.die(f"--memory is for --captioner evcap, not {args.captioner}")
     args.finetune_encoder = args.finetune_encoder or args.reinit_encoder
@@ -202,7 +209,8 @@ def _build_captioner(args, sd, stage1_fingerprint):
             qformer_layers=args.qformer_layers, qformer_heads=args.qformer_heads,
             num_query_tokens=args.num_query_tokens, num_name_queries=args.num_name_queries, topn=args.memory_topn,
             memory_backend=args.memory_backend, freeze_qformer=not args.finetune_qformer,
-            freeze_lm=not args.finetune_lm, **prompt)
+            freeze_lm=not args.finetune_lm, names_in_prompt=args.names_in_prompt, name_tokens=args.name_tokens,
+            **prompt)
         if memory:
             info = captioner.memory.info
             if info.get("stage1_fingerprint") != stage1_fingerprint or info.get("space") != args.prefix_source:

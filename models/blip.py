@@ -140,7 +140,6 @@ class BlipCaptioner(Captioner):
         recomputes every position each step (the cache-free reference of benchmarks.decoding_speed)."""
         from transformers import DynamicCache, EncoderDecoderCache
         kwargs = self.generation_kwargs(**decoding)
-        memory = self.memory(z)
         B, P = z.shape[0], len(self.prompt_ids)
         if P + kwargs["max_new_tokens"] > self.max_positions:
             raise BadInput(f"prompt ({P}) + max_new_tokens ({kwargs['max_new_tokens']}) exceeds the BERT's "
@@ -151,8 +150,9 @@ class BlipCaptioner(Captioner):
             # cross-attention layers need the pair (their keys and values are computed once).
             kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
         was_training = self.training
-        self.eval()
+        self.eval()  # before reading z too: no dropout anywhere while decoding
         try:
+            memory = self.memory(z)
             out = self.decoder.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                                         encoder_hidden_states=memory,
                                         encoder_attention_mask=torch.ones(memory.shape[:2], dtype=torch.long,

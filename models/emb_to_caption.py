@@ -317,16 +317,18 @@ class EmbToCaption(Captioner):
         """z [B,L,D] -> B captions. Batched beam search (greedy when num_beams=1) or sampling, with
         the KV cache; decoding: the DECODING settings (num_beams, max_new_tokens, ...)."""
         kwargs = self.generation_kwargs(**decoding)
-        prefix = self.prefix_embeds(z)                                  # [B,P,H]
         max_new_tokens = kwargs["max_new_tokens"]
-        if self.max_positions is not None and prefix.shape[1] + max_new_tokens > self.max_positions:
-            raise BadInput(f"prefix ({prefix.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the "
+        if self.max_positions is not None and self.prefix_positions + max_new_tokens > self.max_positions:
+            raise BadInput(f"prefix ({self.prefix_positions}) + max_new_tokens ({max_new_tokens}) exceeds the "
                            f"LM's {self.max_positions} positions; lower max_new_tokens")
-        # Same length for every prefix: no padding, the mask is all ones.
-        attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         was_training = self.training
-        self.eval()  # no dropout while decoding, even when called for samples during training
+        # No dropout while decoding, even when called for samples during training: the prefix
+        # too (EVCap's Q-Formers have dropout).
+        self.eval()
         try:
+            prefix = self.prefix_embeds(z)                              # [B,P,H]
+            # Same length for every prefix: no padding, the mask is all ones.
+            attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
             with warnings.catch_warnings():
                 # The prompt is embeddings, not tokens, so n-gram blocking sees only the new tokens: as wanted.
                 warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")

@@ -35,6 +35,12 @@ from models.emb_to_caption import EmbToCaption, _load_lm, pad_ids
 
 PROMPT = "###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: "
 IMAGE_SLOT = "<ImageHere>"
+# names_in_prompt (ViECap's entity-aware hard prompt, Fei et al., ICCV 2023): the retrieved names
+# also as words in the prompt, which a fine-tuned LM learns to copy, where the fused name queries
+# give it only a projection to decode.
+NAMES_SLOT = "<Names>"
+PROMPT_WITH_NAMES = ("###Human: <Img><ImageHere></Img> There are <Names> in the image. Describe this image in "
+                     "detail. ###Assistant: ")
 
 
 # ---- the visual-name memory ---------------------------------------------------------------------
@@ -146,21 +152,31 @@ class EVCap(EmbToCaption):
         self.query_tokens = nn.Parameter(torch.randn(1, config["num_query_tokens"], hidden) * 0.02)
         self.name_queries = nn.Parameter(torch.randn(1, config["num_name_queries"], hidden) * 0.02)
         self.prompt_ids = self.split_prompt(config["prompt"])
-        self.prefix_positions = (len(self.prompt_ids[0]) + config["num_query_tokens"] + config["num_name_queries"]
-                                 + len(self.prompt_ids[1]))
+        self.name_tokens = config["name_tokens"] if config.get("names_in_prompt") else 0
+        self.prefix_positions = (sum(len(x) for x in self.prompt_ids) + config["num_query_tokens"]
+                                 + config["num_name_queries"] + self.name_tokens)
 
     @classmethod
     def from_pretrained(cls, llm, prefix_len, prefix_dim, memory=None, qformer=None, qformer_hidden=768,
                         qformer_layers=12, qformer_heads=12, num_query_tokens=32, num_name_queries=8, topn=10,
-                        search_k=32, memory_backend="torch", freeze_qformer=True, freeze_lm=True, prompt=PROMPT,
-                        memory_fingerprint=None, dtype=torch.float32) -> "EVCap":
+                        search_k=32, memory_backend="torch", freeze_qformer=True, freeze_lm=True, prompt=None,
+                        names_in_prompt=False, name_tokens=32, memory_fingerprint=None,
+                        dtype=torch.float32) -> "EVCap":
         """llm: a causal LM (hub id or folder). memory: a build_memory.py file or None (no names);
         memory_fingerprint, when given, must be its fingerprint (a checkpoint's config records it).
         qformer: a saved Blip2QFormerModel folder, or None for a fresh one of qformer_hidden/layers/
-        heads. freeze_qformer=False trains both Q-Formers; freeze_lm=False the LM."""
+        heads. freeze_qformer=False trains both Q-Formers; freeze_lm=False the LM. names_in_prompt:
+        the names also as words, at the prompt's <Names>, in a slot of name_tokens tokens."""
         from transformers import Blip2QFormerModel
+        prompt = prompt or (PROMPT_WITH_NAMES if names_in_prompt else PROMPT)
         if prompt.count(IMAGE_SLOT) != 1:
             raise BadInput(f"prompt {prompt!r} must hold {IMAGE_SLOT} once: where the image tokens go")
+        if names_in_prompt != (NAMES_SLOT in prompt) or prompt.count(NAMES_SLOT) > 1 or (
+                names_in_prompt and prompt.index(NAMES_SLOT) < prompt.index(IMAGE_SLOT)):
+            raise BadInput(f"prompt {prompt!r}: with names_in_prompt it must hold {NAMES_SLOT} once, after "
+                           f"{IMAGE_SLOT}, and without it none")
+        if names_in_prompt and name_tokens < 1:
+            raise BadInput(f"name_tokens {name_tokens}: the names' slot needs at least 1 token")
         if min(num_query_tokens, num_name_queries, topn, search_k) < 1:
             raise BadInput("num_query_tokens, num_name_queries, topn and search_k must be 1 or more")
         if qformer is None and qformer_hidden % qformer_heads:
@@ -196,7 +212,7 @@ class EVCap(EmbToCaption):
                       qformer_layers=c.num_hidden_layers, qformer_heads=c.num_attention_heads,
                       num_query_tokens=num_query_tokens, num_name_queries=num_name_queries, topn=topn,
                       search_k=search_k, memory_backend=memory_backend, freeze_qformer=freeze_qformer,
-                      freeze_lm=freeze_lm, prompt=prompt)
+                      freeze_lm=freeze_lm, prompt=prompt, names_in_prompt=names_in_prompt, name_tokens=name_tokens)
         names = NameMemory(keys, names, topn, search_k, memory_backend, info)
         model = cls(lm, tokenizer, config, image_qformer, fusion, names)
         lm.requires_grad_(not freeze_lm)
@@ -221,15 +237,32 @@ class EVCap(EmbToCaption):
         with torch.no_grad():  # a fixed lookup, as EVCap's frozen text embeddings
             return self.embed_tokens(tokens), mask
 
-    def encode_img(self, z):
-        """z [B,L,D] -> (the image's 40 LM-width tokens [B,Q+N,E], their attention mask [B,Q+N])."""
+    def name_slot_ids(self, names):
+        """[[name, ...]] per image -> [B, name_tokens] ids of "name, name, ...": the names that fit
+        whole, most similar first, left-padded with the pad token. Every row has one length, so
+        batched generation needs no mask and a row's positions are those it trained with (the
+        fine-tuned LM learns to read past the padding)."""
+        rows = []
+        for row in names:
+            ids = []
+            for k in range(len(row), 0, -1):
+                ids = self.tokenizer(", ".join(row[:k]), add_special_tokens=False)["input_ids"]
+                if len(ids) <= self.name_tokens:
+                    break
+            ids = ids if len(ids) <= self.name_tokens else []
+            rows.append([self.pad_id] * (self.name_tokens - len(ids)) + ids)
+        return torch.tensor(rows, dtype=torch.long, device=self.query_tokens.device)
+
+    def encode_img(self, z, names=None):
+        """z [B,L,D] -> (the image's 40 LM-width tokens [B,Q+N,E], their attention mask [B,Q+N]).
+        names: the memory's names per image (default: retrieved here)."""
         if z.dim() != 3 or z.shape[1:] != (self.config["prefix_len"], self.config["prefix_dim"]):
             raise ValueError(f"z has shape {tuple(z.shape)}; expected [B, {self.config['prefix_len']}, "
                              f"{self.config['prefix_dim']}]")
         B = z.shape[0]
         q_img = self.qformer(query_embeds=self.query_tokens.expand(B, -1, -1),
                              encoder_hidden_states=z).last_hidden_state            # [B,32,Hq]
-        names, name_mask = self.name_embeds(self.memory.retrieve(z))                # [B,T,E]
+        names, name_mask = self.name_embeds(self.memory.retrieve(z) if names is None else names)  # [B,T,E]
         stream = torch.cat([self.name_queries.expand(B, -1, -1), q_img], dim=1)    # [B,8+32,Hq]
         q_txt = self.fusion(query_embeds=stream, query_length=self.config["num_name_queries"],
                             encoder_hidden_states=names,
@@ -240,26 +273,34 @@ class EVCap(EmbToCaption):
         embeds = self.proj(torch.cat([q_img, q_txt], dim=1).to(self.proj_dtype))   # [B,40,E]
         return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=z.device)
 
-    def prompt_wrap(self, img_embeds, atts_img, prompt=None):
+    def prompt_wrap(self, img_embeds, atts_img, prompt=None, names=None):
         """EVCap's: the image tokens [B,Q,E] inside the prompt (default the config's; one text for
         every row, so no padding) -> (embeds [B,P,E] in the LM's dtype, attention mask [B,P]).
-        The BOS token, when the LM has one, opens the prompt (EVCap prepends it in forward)."""
+        The BOS token, when the LM has one, opens the prompt (EVCap prepends it in forward). A
+        prompt with <Names> takes each row's names (name_slot_ids) there."""
         weight = self.lm.get_input_embeddings().weight
         B, device = img_embeds.shape[0], img_embeds.device
-        ids = self.prompt_ids if prompt is None else self.split_prompt(prompt)
-        before, after = (self.embed_tokens(torch.tensor(x, dtype=torch.long, device=device)).expand(B, -1, -1)
-                         for x in ids)
-        embeds = torch.cat([before, img_embeds.to(weight.dtype), after], dim=1)
-        atts = torch.cat([atts_img.new_ones(B, before.shape[1]), atts_img, atts_img.new_ones(B, after.shape[1])], dim=1)
-        return embeds, atts
+        pieces = [self.embed_tokens(torch.tensor(x, dtype=torch.long, device=device)).expand(B, -1, -1)
+                  for x in (self.prompt_ids if prompt is None else self.split_prompt(prompt))]
+        parts = [pieces[0], img_embeds.to(weight.dtype), pieces[1]]
+        if len(pieces) == 3:
+            if names is None:
+                raise ValueError(f"the prompt holds {NAMES_SLOT}: pass the names of each image")
+            parts += [self.embed_tokens(self.name_slot_ids(names)), pieces[2]]
+        atts = [atts_img.new_ones(B, p.shape[1]) for p in parts]
+        atts[1] = atts_img
+        return torch.cat(parts, dim=1), torch.cat(atts, dim=1)
 
     def split_prompt(self, prompt):
-        """-> (BOS + ids of the text before <ImageHere>, ids of the text after it)."""
+        """-> (BOS + ids of the text before <ImageHere>, ids of the text after it), or with <Names>
+        after it, (..., ids between the two slots, ids after <Names>)."""
         before, after = prompt.split(IMAGE_SLOT)
-        ids = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
-        return ([self.bos_id] if self.bos_id is not None else []) + ids(before), ids(after)
+        texts = [before, *after.split(NAMES_SLOT)]
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] if t else [] for t in texts]
+        return [([self.bos_id] if self.bos_id is not None else []) + ids[0], *ids[1:]]
 
     def prefix_embeds(self, z):
         """z [B,L,D] -> the LM's input before the caption [B,P,E] (what the prefix captioner's
         loss and generate() read; every row has the same length, so the mask is all ones)."""
-        return self.prompt_wrap(*self.encode_img(z))[0]
+        names = self.memory.retrieve(z)
+        return self.prompt_wrap(*self.encode_img(z, names), names=names)[0]

