@@ -64,7 +64,8 @@ PRESETS = {
         # The captioner family (train_stage2.py --captioner blip|evcap) on top of "stage2".
         "stage2_blip": dict(text_decoder=MINILM, lr=2e-4),
         "stage2_evcap": dict(memory="checkpoints/toy/memory.safetensors", memory_topn=3, finetune_encoder=False,
-                             finetune_qformer=True, qformer_hidden=64, qformer_layers=2, qformer_heads=4),
+                             finetune_qformer=True, qformer_hidden=64, qformer_layers=2, qformer_heads=4,
+                             name_tokens=12),  # --names_in_prompt: 3 names of 2 words and their commas
         # The bridge's UNet at a tenth of the paper's size (widths 16/32/64): 0.4M parameters.
         "bridge": dict(unet_dim=16, dim_mults="1,2,4", batch_size=64, lr=1e-3, lr_scheduler="cosine", lr_warmup_steps=100,
                        max_steps=1500, checkpointing_steps=500, validation_steps=500, num_val_images=200),

@@ -76,6 +76,7 @@ class BlipCaptioner(Captioner):
         self.bos_id, self.eos_id, self.pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
         self.prompt_ids = [self.bos_id] + tokenizer(config["prompt"], add_special_tokens=False)["input_ids"]
         self.max_positions = decoder.config.max_position_embeddings
+        self.prefix_positions = len(self.prompt_ids)  # the positions before the caption, as the other captioners
         self.load_report = load_report  # (tensors loaded from --text_decoder, tensors initialised fresh)
 
     @classmethod

@@ -39,8 +39,7 @@ IMAGE_SLOT = "<ImageHere>"
 # also as words in the prompt, which a fine-tuned LM learns to copy, where the fused name queries
 # give it only a projection to decode.
 NAMES_SLOT = "<Names>"
-PROMPT_WITH_NAMES = ("###Human: <Img><ImageHere></Img> There are <Names> in the image. Describe this image in "
-                     "detail. ###Assistant: ")
+PROMPT_WITH_NAMES = "###Human: <Img><ImageHere></Img> There are <Names> in the image. ###Assistant: "
 
 
 # ---- the visual-name memory ---------------------------------------------------------------------

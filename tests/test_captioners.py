@@ -230,6 +230,9 @@ CAPTIONER_FLAGS = {
     "blip": dict(captioner="blip", text_decoder=MINILM, finetune_lm=True),
     "evcap": dict(captioner="evcap", qformer_hidden=16, qformer_layers=2, qformer_heads=2, num_query_tokens=4,
                   num_name_queries=2, memory_topn=2, prompt="<Img><ImageHere></Img> "),
+    "evcap_names": dict(captioner="evcap", qformer_hidden=16, qformer_layers=2, qformer_heads=2, num_query_tokens=4,
+                        num_name_queries=2, memory_topn=2, names_in_prompt=True, name_tokens=6,
+                        prompt="<Img><ImageHere></Img> <Names>: "),
 }
 
 
@@ -237,23 +240,24 @@ CAPTIONER_FLAGS = {
 def runs(world):
     """A 2-step stage-2 run of each new captioner on the tiny world."""
     out = {}
-    for kind in ("blip", "evcap"):
+    for kind in CAPTIONER_FLAGS:
         if kind == "blip" and MINILM is None:
             continue
         flags = dict(CAPTIONER_FLAGS[kind])
-        if kind == "evcap":
+        if kind.startswith("evcap"):
             flags["memory"] = world["memory"]
         out[kind] = str(world["root"] / kind)
         assert train_stage2.main(stage2_argv(world, out[kind], **flags)) == 2
     return out
 
 
-@pytest.mark.parametrize("kind", ["prefix", "blip", "evcap"])
+@pytest.mark.parametrize("kind", ["prefix", "blip", "evcap", "evcap_names"])
 def test_infer_and_eval_read_every_captioner(world, runs, kind, tmp_path):
     import eval_captioning
     stage2 = world["stage2"] if kind == "prefix" else runs.get(kind) or pytest.skip("no MiniLM")
     ckpt = common.load_checkpoint(common.resolve_checkpoint(stage2, "captioner"), "stage2")
-    assert ckpt["config"].get("captioner_kind", "prefix") == kind
+    assert ckpt["config"].get("captioner_kind", "prefix") == kind.split("_")[0]
+    assert ckpt["config"]["captioner"].get("names_in_prompt", False) == kind.endswith("names")
     image = os.path.join(world["data"], "val2017", sorted(os.listdir(os.path.join(world["data"], "val2017")))[0])
     captions = infer.main(argv_of(stage1_ckpt=world["stage1"], stage2_ckpt=stage2, image_path=image, num_beams=2,
                                   max_new_tokens=6, device="cpu"))
@@ -301,6 +305,12 @@ def test_stage2_refuses_bad_captioner_flags(world, tmp_path):
         train_stage2.main(stage2_argv(world, out, captioner="evcap", memory="none", proj="linear"))
     with pytest.raises(BadInput, match="is a 'gpt2' model; the BLIP captioner needs a BERT"):
         train_stage2.main(stage2_argv(world, out, captioner="blip", text_decoder=world["gpt2"]))
+    with pytest.raises(BadInput, match="--names_in_prompt writes the memory's names into EVCap's prompt"):
+        train_stage2.main(stage2_argv(world, out, names_in_prompt=True))
+    # refused before the first step, not at the first sample
+    with pytest.raises(BadInput, match=r"prefix \(\d+ positions\) \+ --max_new_tokens 200 exceeds the LM's"):
+        train_stage2.main(stage2_argv(world, out, captioner="evcap", memory="none", max_new_tokens=200))
+    assert not os.path.exists(os.path.join(out, "captioner_2.pt"))
 
 
 def test_seed_flag_names_are_aliases():
