@@ -482,12 +482,18 @@ FREE_ON_RESUME = {"output_dir", "resume_from", "checkpointing_steps", "checkpoin
                   "gradient_checkpointing"}
 
 
+# Flags added after runs were saved: the value a run saved without the flag ran with, so that it
+# resumes under newer code (when the flag's default differs, the message names the value to pass).
+IMPLIED_BY_OLDER_RUNS = {"names_in_prompt": False, "clean_copies": 0}
+
+
 def check_resume_settings(path, saved, args, free=FREE_ON_RESUME, start_over="pass a new --output_dir"):
     """Refuse to resume from a checkpoint written with other trajectory settings (batch size, lr,
     accumulation, precision, data, ...): one line naming each, with the checkpoint's values."""
     if saved is None:
         die(f"{path} records no run settings (written by older code), so a resume could not be checked "
             f"to follow its trajectory; {start_over} to start over")
+    saved = {**{k: v for k, v in IMPLIED_BY_OLDER_RUNS.items() if k in vars(args)}, **saved}
     current = vars(args)
     differ = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
     if differ:

@@ -152,6 +152,8 @@ def parse_args(argv=None):
     if args.names_in_prompt and args.captioner != "evcap":
         common.die(f"--names_in_prompt writes the memory's names into EVCap's prompt; --captioner {args.captioner} "
                    f"has no memory: use --captioner evcap")
+    if not args.names_in_prompt:
+        args.name_tokens = None  # unused: a run without names has no slot (and resumes whatever the flag says)
     if args.memory and args.captioner != "evcap":
         common.die(f"--memory is for --captioner evcap, not {args.captioner}")
     args.finetune_encoder = args.finetune_encoder or args.reinit_encoder

@@ -174,7 +174,7 @@ class EVCap(EmbToCaption):
                 names_in_prompt and prompt.index(NAMES_SLOT) < prompt.index(IMAGE_SLOT)):
             raise BadInput(f"prompt {prompt!r}: with names_in_prompt it must hold {NAMES_SLOT} once, after "
                            f"{IMAGE_SLOT}, and without it none")
-        if names_in_prompt and name_tokens < 1:
+        if names_in_prompt and (name_tokens or 0) < 1:
             raise BadInput(f"name_tokens {name_tokens}: the names' slot needs at least 1 token")
         if min(num_query_tokens, num_name_queries, topn, search_k) < 1:
             raise BadInput("num_query_tokens, num_name_queries, topn and search_k must be 1 or more")

@@ -302,3 +302,13 @@ def test_models_and_data_import_nothing_from_the_scripts_side():
                 if any(m and m.split(".")[0] in ("common", "infer", "eval_captioning", "demo", "doctor")
                        for m in imported):
                     assert id(node) in allowed, f"{folder}/{name} imports {imported} (line {node.lineno})"
+
+
+def test_a_run_saved_before_a_flag_existed_resumes_as_it_ran():
+    from argparse import Namespace
+    common.check_resume_settings("old.pt", {"lr": 1.0}, Namespace(lr=1.0, names_in_prompt=False))
+    with pytest.raises(BadInput, match=r"other settings \(--clean_copies 0\)"):  # it ran without clean copies
+        common.check_resume_settings("old.pt", {"lr": 1.0}, Namespace(lr=1.0, clean_copies=1))
+    common.check_resume_settings("old.pt", {"lr": 1.0}, Namespace(lr=1.0, clean_copies=0))
+    with pytest.raises(BadInput, match=r"--lr 1.0"):
+        common.check_resume_settings("old.pt", {"lr": 1.0}, Namespace(lr=2.0, names_in_prompt=False))
