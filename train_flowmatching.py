@@ -77,6 +77,8 @@ def parse_args(argv=None):
             common.die(f"--degraded_copies {args.degraded_copies}: must be at least 1")
         if args.clean_copies < 0:
             common.die(f"--clean_copies {args.clean_copies}: must be 0 or more")
+    else:
+        args.clean_copies = 0  # degrade's pairs only
     if args.mode == "denoise" and args.noise_std <= 0:
         common.die(f"--noise_std {args.noise_std}: must be above 0")
     args.stage1_ckpt = common.resolve_checkpoint(args.stage1_ckpt, "vision_encoder")
@@ -188,8 +190,7 @@ def main(argv=None):
 
     feats = split_features(args, encoder, sd, info, image_size, args.split, None, device)
     z_mean, z_std = stats(feats["z"])
-    clean_copies = args.clean_copies if args.mode == "degrade" else 0
-    pairs = Pairs(args.mode, feats, device, args.noise_std, z_std.to(device), clean_copies)
+    pairs = Pairs(args.mode, feats, device, args.noise_std, z_std.to(device), args.clean_copies)
     if args.mode == "visual2text":
         (source_mean, source_std), (target_mean, target_std) = stats(feats["cond"]), stats(feats["text"])
     elif args.mode == "prior":
@@ -205,7 +206,7 @@ def main(argv=None):
     config = dict(mode=args.mode, space=SPACE[args.mode], net=flow.net.config, **info, image_size=image_size,
                   noise_std=args.noise_std if args.mode == "denoise" else None,
                   degradations=args.degradations if args.mode == "degrade" else None,
-                  clean_copies=clean_copies if args.mode == "degrade" else None)
+                  clean_copies=args.clean_copies if args.mode == "degrade" else None)
     if accelerator.is_main_process:
         common.save_json(os.path.join(args.output_dir, "config.json"), config)
         baseline = fit_baseline(args, pairs, config)
