@@ -140,6 +140,8 @@ def test_every_mode_writes_flow_baseline_and_features(world, flows):
         assert config["encoder_fingerprint"] != config["stage1_fingerprint"]
         flow = common.flow_of(ckpt)
         assert flow.net.config["dim"] == 32 and flow.net.config["width"] == 16
+        # clean -> clean pairs are degrade's alone (the other modes record none, as their older runs ran)
+        assert ckpt["args"]["clean_copies"] == (1 if mode == "degrade" else 0), mode
     feats = read_features_file(os.path.join(flows["visual2text"], "features.safetensors"))
     assert feats["text"].shape[0] == feats["text_image"].shape[0] == 5 * feats["z"].shape[0]
     assert read_features_file(os.path.join(flows["degrade"], "features.safetensors"))["z_degraded"].shape[0] == 2
