@@ -52,6 +52,12 @@ def load_enhancer(args, vlv):
     return enhancer
 
 
+def bad_input(message):
+    """The page's message for a user's bad input: shown there, not logged as a server traceback."""
+    import gradio as gr
+    return gr.Error(message, print_exception=False)
+
+
 def image_upload(**kwargs):
     """gr.Image whose upload is checked by us: Gradio would answer a file that is not an image with a
     generic "Error"; this says what is wrong in the page. (The instance's preprocess is wrapped rather
@@ -65,7 +71,7 @@ def image_upload(**kwargs):
             return preprocess(payload)
         except Exception as e:  # PIL's UnidentifiedImageError, a truncated file, ...
             name = getattr(payload, "orig_name", None) or "the file"
-            raise gr.Error(f"{name} is not an image this demo can read ({type(e).__name__}); upload a JPEG, "
+            raise bad_input(f"{name} is not an image this demo can read ({type(e).__name__}); upload a JPEG, "
                            f"PNG or WebP file.") from None
 
     image.preprocess = checked
@@ -81,11 +87,11 @@ def build_demo(gen, enhancer=None, num_beams=3):
 
     def read_image(path):
         if path is None:
-            raise gr.Error("No image: upload one (JPEG, PNG or WebP) first.")
+            raise bad_input("No image: upload one (JPEG, PNG or WebP) first.")
         try:
             return transform(load_rgb(path)).unsqueeze(0).to(gen.device)
         except UnreadableImage as e:
-            raise gr.Error(f"{os.path.basename(path)} is not an image this demo can read ({e.reason}); "
+            raise bad_input(f"{os.path.basename(path)} is not an image this demo can read ({e.reason}); "
                            f"upload a JPEG, PNG or WebP file.") from None
 
     def caption(image_path, beams=num_beams, max_new_tokens=30, use_enhancer=False, from_caption=True, from_z=True):
@@ -104,7 +110,7 @@ def build_demo(gen, enhancer=None, num_beams=3):
 
     def seed_of(value, what="seed"):
         if value is None or not 0 <= value <= MAX_SEED:
-            raise gr.Error(f"The {what} must be a whole number from 0 to {MAX_SEED}.")
+            raise bad_input(f"The {what} must be a whole number from 0 to {MAX_SEED}.")
         return int(value)
 
     def generate(seed=0):

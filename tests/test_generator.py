@@ -274,15 +274,17 @@ def test_demo_caption_and_generate_through_gradio_client(gen, served):
     assert np.array_equal(pixels(Image.open(image).convert("RGB")), pixels(ref_image))
 
 
-def test_demo_says_in_the_page_when_the_upload_is_not_an_image(served, tmp_path):
+def test_demo_says_in_the_page_when_the_upload_is_not_an_image(served, tmp_path, capfd):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
     url, _ = served
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
+    capfd.readouterr()
     with pytest.raises(AppError, match=r"notes.png is not an image this demo can read \(UnidentifiedImageError\); "
                                        r"upload a JPEG, PNG or WebP file."):
         Client(url, verbose=False).predict(handle_file(str(bad)), api_name="/caption")
+    assert "Traceback" not in capfd.readouterr().err  # a user's bad file is not logged as a server fault
 
 
 def test_demo_says_in_the_page_when_the_seed_is_out_of_range(served):
