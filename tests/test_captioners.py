@@ -43,13 +43,12 @@ def blip():
     return captioner, z, first, last
 
 
-@pytest.fixture(scope="module")
-def evcap(tmp_path_factory):
-    """An EVCap captioner (tiny Llama, small Q-Formers) with a memory naming each z, trained on CAPTIONS."""
+def trained_evcap(root, **kwargs):
+    """An EVCap captioner (tiny Llama, small Q-Formers) with a memory naming each of three z, trained
+    on CAPTIONS -> (captioner, z, first loss, last loss)."""
     from safetensors.torch import save_file
 
     from models.evcap import EVCap, memory_key
-    root = tmp_path_factory.mktemp("evcap")
     torch.manual_seed(0)
     z = torch.randn(3, 4, 8)
     save_file({"keys": memory_key(z)}, str(root / "memory.safetensors"))
@@ -58,30 +57,21 @@ def evcap(tmp_path_factory):
     captioner = EVCap.from_pretrained(save_tiny_llama(root / "llama"), prefix_len=4, prefix_dim=8,
                                       memory=str(root / "memory.safetensors"), qformer_hidden=16, qformer_layers=2,
                                       qformer_heads=2, num_query_tokens=4, num_name_queries=2, topn=2,
-                                      freeze_qformer=False, freeze_lm=False, prompt="<Img><ImageHere></Img> ")
+                                      freeze_qformer=False, freeze_lm=False, **kwargs)
     first, last = overfit(captioner, z, CAPTIONS, steps=150, lr=3e-3)
     return captioner, z, first, last
+
+
+@pytest.fixture(scope="module")
+def evcap(tmp_path_factory):
+    return trained_evcap(tmp_path_factory.mktemp("evcap"), prompt="<Img><ImageHere></Img> ")
 
 
 @pytest.fixture(scope="module")
 def evcap_names(tmp_path_factory):
     """The same with the names also written into the prompt (ViECap's hard prompt)."""
-    from safetensors.torch import save_file
-
-    from models.evcap import EVCap, memory_key
-    root = tmp_path_factory.mktemp("evcap_names")
-    torch.manual_seed(0)
-    z = torch.randn(3, 4, 8)
-    save_file({"keys": memory_key(z)}, str(root / "memory.safetensors"))
-    json.dump({"names": ["red circle", "blue square", "green triangle"], "fingerprint": "f"},
-              open(root / "memory.json", "w"))
-    captioner = EVCap.from_pretrained(save_tiny_llama(root / "llama"), prefix_len=4, prefix_dim=8,
-                                      memory=str(root / "memory.safetensors"), qformer_hidden=16, qformer_layers=2,
-                                      qformer_heads=2, num_query_tokens=4, num_name_queries=2, topn=2,
-                                      freeze_qformer=False, freeze_lm=False, names_in_prompt=True, name_tokens=12,
-                                      prompt="<Img><ImageHere></Img> There are <Names> here. ")
-    first, last = overfit(captioner, z, CAPTIONS, steps=150, lr=3e-3)
-    return captioner, z, first, last
+    return trained_evcap(tmp_path_factory.mktemp("evcap_names"), names_in_prompt=True, name_tokens=12,
+                         prompt="<Img><ImageHere></Img> There are <Names> here. ")
 
 
 def fixture_of(request, kind):
