@@ -1058,6 +1058,19 @@ def add_enhancer_args(parser):
     return g
 
 
+def enhancer_flags(enhancer, **overrides):
+    """The flags of add_enhancer_args at their defaults, with --enhancer and any overrides: what a
+    script without those flags (a benchmark) hands load_enhancer."""
+    parser = argparse.ArgumentParser()
+    add_enhancer_args(parser)
+    flags = parser.parse_args([])
+    unknown = set(overrides) - set(vars(flags))
+    if unknown:
+        raise TypeError(f"unknown enhancer flags {sorted(unknown)}")
+    vars(flags).update(overrides, enhancer=enhancer)
+    return flags
+
+
 def output_settings(args, vlv, captions=True):
     """What a resumable output (captions, features) depends on: data.predictions.check_settings
     refuses to go on with a file made with other settings."""

@@ -76,23 +76,24 @@ def main(argv=None):
     clean = torch.stack([transform(load_rgb(dataset.image_path(i))) for i in ids])
     enhancers = {}
     for name, spec in (("none", "none"), ("ridge", os.path.join(flow_dir, "baseline.pt")), ("flow", flow_dir)):
-        flags = argparse.Namespace(enhancer=spec, enhancer_steps=args.enhancer_steps, enhancer_t0=args.enhancer_t0,
-                                   enhancer_solver=args.enhancer_solver, bridge_t0=600, bridge_steps=5)
+        flags = common.enhancer_flags(spec, enhancer_steps=args.enhancer_steps, enhancer_t0=args.enhancer_t0,
+                                      enhancer_solver=args.enhancer_solver)
         enhancers[name] = common.load_enhancer(flags, vlv)
     decoding = dict(num_beams=args.num_beams)
 
     def batches(images):
         return [images[s:s + args.batch_size] for s in range(0, len(images), args.batch_size)]
 
+    @torch.no_grad()
     def captions(images, name):
+        """-> (the captions, the z they were read from: after the enhancer [N,L,D])."""
         vlv.enhancer = enhancers[name]
-        return [c for b in batches(images) for c in vlv.caption(b, **decoding)]
-
-    def cos_to_clean(images, name):  # of the z the captioner reads (after the enhancer)
-        vlv.enhancer = enhancers[name]
-        with torch.no_grad():
-            z = torch.cat([vlv.embed(b)[0] for b in batches(images)])
-        return torch.nn.functional.cosine_similarity(z.flatten(1), clean_z.flatten(1)).mean().item()
+        out, zs = [], []
+        for b in batches(images):
+            z, cond = vlv.embed(b)
+            out += vlv.captioner.generate(vlv.captioner_input(z, cond), **decoding)
+            zs.append(z)
+        return out, torch.cat(zs)
 
     with torch.no_grad():
         clean_z = torch.cat([vlv.encoder(b) for b in batches(clean)])
@@ -100,12 +101,14 @@ def main(argv=None):
     rows, table, seconds, cosines = {}, [], {}, []
     for kind in ["clean"] + list(DEGRADATIONS):
         images = clean if kind == "clean" else torch.stack([degrade(x, kind, int(i)) for x, i in zip(clean, ids)])
-        rows[kind] = {}
+        rows[kind], cells = {}, [kind]
         for name in enhancers:
             start = time.perf_counter()
-            rows[kind][name] = seen_all_right(captions(images, name), infos)
+            texts, z = captions(images, name)
             seconds.setdefault(name, []).append(time.perf_counter() - start)
-        cosines.append([kind] + [f"{cos_to_clean(images, n):.4f}" for n in enhancers])
+            rows[kind][name] = seen_all_right(texts, infos)
+            cells.append(f"{torch.nn.functional.cosine_similarity(z.flatten(1), clean_z.flatten(1)).mean():.4f}")
+        cosines.append(cells)
         print(f"{kind}: " + ", ".join(f"{n} {v:.3f}" for n, v in rows[kind].items()), file=sys.stderr, flush=True)
     won = {name: [] for name in ("ridge", "flow")}
     for kind, r in rows.items():

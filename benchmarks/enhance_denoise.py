@@ -75,14 +75,10 @@ def main(argv=None):
     with torch.no_grad():
         z = torch.cat([vlv.encoder(b) for b in batches(images)])  # [N, L, D]
     # The noise's unit: z's per-element std over the training images, as train_flowmatching draws it.
-    z_std = load_file(os.path.join(args.run, "flow_denoise_features.safetensors"))["z"].std(0)
+    _, z_std = train_flowmatching.stats(load_file(os.path.join(args.run, "flow_denoise_features.safetensors"))["z"])
 
     def captions(zs):
-        out = []
-        for b in batches(zs):
-            prefix = vlv.sd.condition(b) if vlv.prefix_source == "cond" else b
-            out += vlv.captioner.generate(prefix, num_beams=args.num_beams)
-        return out
+        return [c for b in batches(zs) for c in vlv.captioner.generate(vlv.captioner_input(b), num_beams=args.num_beams)]
 
     def cos(a):
         return torch.nn.functional.cosine_similarity(a.flatten(1), z.flatten(1), dim=1).mean().item()
@@ -94,9 +90,7 @@ def main(argv=None):
         noisy = z + s * z_std * noise
         outs = {"noisy": noisy}
         for name, spec in (("ridge", os.path.join(flow_dir, "baseline.pt")), ("flow", flow_dir)):
-            flags = argparse.Namespace(enhancer=spec, enhancer_steps=args.enhancer_steps, enhancer_t0=0.0,
-                                       enhancer_solver="euler", bridge_t0=600, bridge_steps=5)
-            enhancer = common.load_enhancer(flags, vlv)
+            enhancer = common.load_enhancer(common.enhancer_flags(spec, enhancer_steps=args.enhancer_steps), vlv)
             vlv.enhancer = None  # applied here, to the noisy z
             with torch.no_grad():
                 outs[name] = torch.cat([enhancer(b) for b in batches(noisy)])

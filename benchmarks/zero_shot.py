@@ -103,9 +103,7 @@ def main(argv=None):
         vlv = vlvs[stage2]
         spec = {"none": "none", "bridge": path("bridge"), "ridge": path("flow_v2t", "baseline.pt"),
                 "flow": path("flow_v2t")}[enhancer]
-        flags = argparse.Namespace(enhancer=spec, enhancer_steps=8, enhancer_t0=0.0, enhancer_solver="euler",
-                                   bridge_t0=args.bridge_t0, bridge_steps=steps or 0)
-        common.load_enhancer(flags, vlv)
+        common.load_enhancer(common.enhancer_flags(spec, bridge_t0=args.bridge_t0, bridge_steps=steps or 0), vlv)
         if vlv.image_size not in images_at:  # the val images, read once per size
             transform = image_transform(vlv.image_size)
             images_at[vlv.image_size] = torch.stack([transform(load_rgb(dataset.image_path(i))) for i in ids])

@@ -154,7 +154,7 @@ class MultimodalGenerator:
         images = sd.generate(cond, self.num_inference_steps, self.guidance_scale, latents=latents)
         times["sd"] = time.perf_counter() - t
         t = time.perf_counter()
-        captions = self.vlv.captioner.generate(cond if self.vlv.prefix_source == "cond" else z, **self.decoding)
+        captions = self.vlv.captioner.generate(self.vlv.captioner_input(z, cond), **self.decoding)
         times["captioner"] = time.perf_counter() - t
         return images, captions, times
 

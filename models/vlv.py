@@ -36,8 +36,13 @@ class VLV(nn.Module):
         """images [B,3,S,S] in [0,1] -> the captioner's input [B,L,D]."""
         if self.enhancer is None and self.prefix_source == "z":
             return self.encoder(images)
-        z, cond = self.embed(images)
-        return cond if self.prefix_source == "cond" else z
+        return self.captioner_input(*self.embed(images))
+
+    def captioner_input(self, z, cond=None):
+        """z [B,L,D] (and cond(z), when already computed) -> what the captioner reads."""
+        if self.prefix_source != "cond":
+            return z
+        return self.sd.condition(z) if cond is None else cond
 
     def forward(self, images, captions, groups=None, pick="best"):
         """The stage-2 loss. captions: one per image, or, with groups (LongTensor, caption i belongs

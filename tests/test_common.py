@@ -312,3 +312,13 @@ def test_a_run_saved_before_a_flag_existed_resumes_as_it_ran():
     common.check_resume_settings("old.pt", {"lr": 1.0}, Namespace(lr=1.0, clean_copies=0))
     with pytest.raises(BadInput, match=r"--lr 1.0"):
         common.check_resume_settings("old.pt", {"lr": 1.0}, Namespace(lr=2.0, names_in_prompt=False))
+
+
+def test_enhancer_flags_are_infers_defaults_with_overrides():
+    import infer
+    flags = common.enhancer_flags("flow_dir", enhancer_steps=4)
+    defaults = vars(infer.parse_args(["--image_path", "x.png", "--stage1_ckpt", "s1", "--stage2_ckpt", "s2"]))
+    assert flags.enhancer == "flow_dir" and flags.enhancer_steps == 4
+    assert all(defaults[k] == v for k, v in vars(flags).items() if k not in ("enhancer", "enhancer_steps"))
+    with pytest.raises(TypeError, match="enhancer_stepz"):
+        common.enhancer_flags("none", enhancer_stepz=4)
