@@ -187,11 +187,8 @@ def build_captioner(args, sd, stage1_fingerprint):
     captioner = _build_captioner(args, sd, stage1_fingerprint)
     if args.label_smoothing is not None:  # a training setting: the checkpoint's config does not need it
         captioner.label_smoothing = args.label_smoothing
-    limit = captioner.max_positions
-    if limit is not None and captioner.prefix_positions + args.max_new_tokens > limit:  # else the first sample fails
-        common.die(f"the captioner's prefix ({captioner.prefix_positions} positions) + --max_new_tokens "
-                   f"{args.max_new_tokens} exceeds the LM's {limit} positions: lower --max_new_tokens, or "
-                   f"shorten --prompt (or --name_tokens)")
+    # now, not at the first sample
+    captioner.check_room(args.max_new_tokens, "lower --max_new_tokens, or shorten --prompt (or --name_tokens)")
     return captioner
 
 

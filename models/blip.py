@@ -141,10 +141,8 @@ class BlipCaptioner(Captioner):
         recomputes every position each step (the cache-free reference of benchmarks.decoding_speed)."""
         from transformers import DynamicCache, EncoderDecoderCache
         kwargs = self.generation_kwargs(**decoding)
-        B, P = z.shape[0], len(self.prompt_ids)
-        if P + kwargs["max_new_tokens"] > self.max_positions:
-            raise BadInput(f"prompt ({P}) + max_new_tokens ({kwargs['max_new_tokens']}) exceeds the BERT's "
-                           f"{self.max_positions} positions; lower max_new_tokens")
+        B, P = z.shape[0], self.prefix_positions
+        self.check_room(kwargs["max_new_tokens"])
         prompt = torch.tensor(self.prompt_ids, device=z.device).expand(B, P).contiguous()
         if use_cache:
             # generate() would make a self-attention-only cache for a decoder-only model; BERT's

@@ -149,6 +149,13 @@ class Captioner(nn.Module):
         return best_in_group(score, groups)
 
     # ---- inference ----------------------------------------------------------------------------
+    def check_room(self, max_new_tokens, fix="lower max_new_tokens"):
+        """One line when the prefix (prefix_positions) and max_new_tokens new tokens pass the LM's
+        max_positions (None: no limit)."""
+        if self.max_positions is not None and self.prefix_positions + max_new_tokens > self.max_positions:
+            raise BadInput(f"prefix ({self.prefix_positions}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                           f"LM's {self.max_positions} positions; {fix}")
+
     def generation_kwargs(self, **decoding):
         """transformers generate() arguments for the DECODING settings given (the rest at their
         defaults). transformers 5 fills every generation field left unset from the LM's
@@ -317,10 +324,7 @@ class EmbToCaption(Captioner):
         """z [B,L,D] -> B captions. Batched beam search (greedy when num_beams=1) or sampling, with
         the KV cache; decoding: the DECODING settings (num_beams, max_new_tokens, ...)."""
         kwargs = self.generation_kwargs(**decoding)
-        max_new_tokens = kwargs["max_new_tokens"]
-        if self.max_positions is not None and self.prefix_positions + max_new_tokens > self.max_positions:
-            raise BadInput(f"prefix ({self.prefix_positions}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                           f"LM's {self.max_positions} positions; lower max_new_tokens")
+        self.check_room(kwargs["max_new_tokens"])
         was_training = self.training
         # No dropout while decoding, even when called for samples during training: the prefix
         # too (EVCap's Q-Formers have dropout).
