@@ -89,6 +89,10 @@ def build_parser():
                    help="also write the retrieved names into the prompt as words (ViECap's entity-aware hard "
                         "prompt: 'There are <Names> in the image.'), which a trained LM can copy; EVCap: off")
     g.add_argument("--name_tokens", type=int, default=32, help="--names_in_prompt: the names' slot, in tokens")
+    g.add_argument("--train_names", default="memory", choices=["memory", "caption"],
+                   help="the names the loss hands each image: the retrieved ones (EVCap), or caption: the memory's "
+                        "names its captions say, each dropped with probability --name_mask (ViECap's training)")
+    g.add_argument("--name_mask", type=float, default=0.4, help="--train_names caption: ViECap's masking rate")
     g.add_argument("--finetune_qformer", action=argparse.BooleanOptionalAction, default=False,
                    help="train both Q-Formers (EVCap: frozen, from BLIP-2; the toy world has no pretrained one)")
     g = p.add_argument_group("toy world")
@@ -154,6 +158,14 @@ def parse_args(argv=None):
                    f"has no memory: use --captioner evcap")
     if not args.names_in_prompt:
         args.name_tokens = None  # unused: a run without names has no slot (and resumes whatever the flag says)
+    if args.train_names == "caption" and args.captioner != "evcap":
+        common.die(f"--train_names caption hands EVCap's memory names to the loss; --captioner {args.captioner} has "
+                   f"no memory: use --captioner evcap")
+    if args.train_names == "caption" and args.memory == "none":
+        common.die("--train_names caption takes the names from the memory's vocabulary; --memory none has none: "
+                   "pass a memory or --train_names memory")
+    if args.train_names != "caption":
+        args.name_mask = None  # unused (and free on resume, as name_tokens)
     if args.memory and args.captioner != "evcap":
         common.die(f"--memory is for --captioner evcap, not {args.captioner}")
     args.finetune_encoder = args.finetune_encoder or args.reinit_encoder
@@ -214,7 +226,7 @@ def _build_captioner(args, sd, stage1_fingerprint):
             num_query_tokens=args.num_query_tokens, num_name_queries=args.num_name_queries, topn=args.memory_topn,
             memory_backend=args.memory_backend, freeze_qformer=not args.finetune_qformer,
             freeze_lm=not args.finetune_lm, names_in_prompt=args.names_in_prompt, name_tokens=args.name_tokens,
-            **prompt)
+            train_names=args.train_names, name_mask=args.name_mask, **prompt)
         if memory:
             info = captioner.memory.info
             if info.get("stage1_fingerprint") != stage1_fingerprint or info.get("space") != args.prefix_source:

@@ -1,6 +1,7 @@
 """The captioner family side by side on the toy world: the prefix captioner, BLIP from the packaged
 MiniLM and from random init, EVCap with its visual-name memory, with none, and with the retrieved
-names also written into its prompt (--names_in_prompt), all on the same
+names also written into its prompt (--names_in_prompt), and trained on the names its captions say
+(--train_names caption, ViECap's recipe), all on the same
 stage-1 encoder at the same budget (RUN/captioners/<row> from scripts/captioners.sh). Cells: the
 share of seen and held-out val images whose caption gets every attribute right (data/judge), BLEU-4,
 METEOR, CIDEr-D (pycocoevalcap), trainable parameters, the run's training s/step (summary.json) and
@@ -14,6 +15,7 @@ import json
 import os
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -28,6 +30,7 @@ ROWS = {
     "evcap": "EVCap, memory on",
     "evcap_empty": "EVCap, memory empty",
     "evcap_names": "EVCap, memory on, names in the prompt (ViECap)",
+    "evcap_caption": "EVCap, names in the prompt, trained on its captions' names (ViECap)",
 }
 
 
@@ -38,6 +41,11 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=200, help="val images")
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--num_beams", type=int, default=3)
+    p.add_argument("--true_names", action="store_true",
+                   help="also read each EVCap row with every val image's true names instead of the retrieved ones "
+                        "(the toy scene's): what a perfect memory would give")
+    p.add_argument("--memory_topn", type=int, default=None, help="EVCap rows: retrieve this many names, not the "
+                                                                 "number each was trained with")
     return p.parse_args(argv)
 
 
@@ -74,24 +82,38 @@ def main(argv=None):
         config = common.load_checkpoint(common.resolve_checkpoint(folders[key], "captioner"), "stage2")["config"]
         transform = image_transform(vlv.image_size)
         images = torch.stack([transform(load_rgb(dataset.image_path(i))) for i in ids])
-        preds, seconds = {}, 0.0
-        with torch.no_grad():
-            vlv.caption(images[:2], num_beams=args.num_beams)  # warm-up: first-call allocations not timed
-            for s in range(0, len(ids), args.batch_size):
-                start = time.perf_counter()
-                captions = vlv.caption(images[s:s + args.batch_size], num_beams=args.num_beams)
-                seconds += time.perf_counter() - start
-                preds.update(zip(ids[s:s + args.batch_size], captions))
-        groups = attribute_accuracy(preds, dataset.images_info)
-        scores = score_captions(preds, refs, ["bleu", "meteor", "cider"])
-        result = dict(key=key, seen=groups["seen"]["all"]["accuracy"],
-                      heldout=groups.get("heldout", {}).get("all", {}).get("accuracy", float("nan")),
-                      bleu4=scores["BLEU-4"], meteor=scores["METEOR"], cider=scores["CIDEr-D"],
-                      params=trainable_parameters(vlv, config), step=seconds_per_step(folders[key]),
-                      per_second=len(ids) / seconds)
-        results.append(result)
-        print(f"{ROWS[key]}: seen {result['seen']:.3f}, held-out {result['heldout']:.3f}, "
-              f"CIDEr-D {result['cider']:.3f}", file=sys.stderr, flush=True)
+        evcap = vlv.captioner.kind == "evcap"
+        if evcap and args.memory_topn:
+            vlv.captioner.memory.topn = args.memory_topn
+        readings = [(key, ROWS[key], None)]
+        if evcap and args.true_names:
+            true_names = {i: list(dict.fromkeys(f"{o['colour']} {o['shape']}"
+                                                for o in dataset.images_info[i]["scene"]["objects"])) for i in ids}
+            readings.append((key + "+true", ROWS[key] + ", true names", true_names))
+        for name, label, names in readings:
+            preds, seconds = {}, 0.0
+            with torch.no_grad():
+                vlv.caption(images[:2], num_beams=args.num_beams)  # warm-up: first-call allocations not timed
+                for s in range(0, len(ids), args.batch_size):
+                    batch = ids[s:s + args.batch_size]
+                    start = time.perf_counter()
+                    if names is None:
+                        captions = vlv.caption(images[s:s + args.batch_size], num_beams=args.num_beams)
+                    else:  # the memory's answer replaced by the scene's names, for this batch
+                        with mock.patch.object(vlv.captioner.memory, "retrieve", lambda z: [names[i] for i in batch]):
+                            captions = vlv.caption(images[s:s + args.batch_size], num_beams=args.num_beams)
+                    seconds += time.perf_counter() - start
+                    preds.update(zip(batch, captions))
+            groups = attribute_accuracy(preds, dataset.images_info)
+            scores = score_captions(preds, refs, ["bleu", "meteor", "cider"])
+            result = dict(key=name, label=label, seen=groups["seen"]["all"]["accuracy"],
+                          heldout=groups.get("heldout", {}).get("all", {}).get("accuracy", float("nan")),
+                          bleu4=scores["BLEU-4"], meteor=scores["METEOR"], cider=scores["CIDEr-D"],
+                          params=trainable_parameters(vlv, config), step=seconds_per_step(folders[key]),
+                          per_second=len(ids) / seconds)
+            results.append(result)
+            print(f"{label}: seen {result['seen']:.3f}, held-out {result['heldout']:.3f}, "
+                  f"CIDEr-D {result['cider']:.3f}", file=sys.stderr, flush=True)
     print(common.machine_description())
     n_seen = sum(not dataset.images_info[i].get("heldout") for i in ids)
     print(f"{len(ids)} toy val images ({n_seen} seen, {len(ids) - n_seen} held-out), beam {args.num_beams}, "
@@ -99,7 +121,7 @@ def main(argv=None):
     print(common.markdown_table(
         ["captioner", "seen all-right", "held-out all-right", "BLEU-4", "METEOR", "CIDEr-D", "trainable parameters",
          "training s/step", "captions/s"],
-        [[ROWS[r["key"]], f"{r['seen']:.3f}", f"{r['heldout']:.3f}", f"{r['bleu4']:.3f}", f"{r['meteor']:.3f}",
+        [[r["label"], f"{r['seen']:.3f}", f"{r['heldout']:.3f}", f"{r['bleu4']:.3f}", f"{r['meteor']:.3f}",
           f"{r['cider']:.3f}", f"{r['params']:,}", f"{r['step']:.2f}", f"{r['per_second']:.1f}"] for r in results]))
     by = {r["key"]: r for r in results}
     lines = []
@@ -109,7 +131,7 @@ def main(argv=None):
     for k in ("blip", "evcap"):
         if k in by:
             lines.append(f"{ROWS[k]} >= 0.95 seen: {'yes' if by[k]['seen'] >= 0.95 else 'no'} ({by[k]['seen']:.3f})")
-    for k in ("evcap", "evcap_names"):
+    for k in ("evcap", "evcap_names", "evcap_caption"):
         if k in by:
             lines.append(f"{ROWS[k]} >= 0.5 held-out: {'yes' if by[k]['heldout'] >= 0.5 else 'no'} "
                          f"({by[k]['heldout']:.3f})")

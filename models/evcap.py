@@ -25,6 +25,7 @@ generate(inputs_embeds=...) (every prefix has the same length), not EVCap's batc
 """
 import json
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -154,18 +155,25 @@ class EVCap(EmbToCaption):
         self.name_tokens = config["name_tokens"] if config.get("names_in_prompt") else 0
         self.prefix_positions = (sum(len(x) for x in self.prompt_ids) + config["num_query_tokens"]
                                  + config["num_name_queries"] + self.name_tokens)
+        # The memory's names as whole words or their plurals, a longer name before one it holds
+        # ("hot dog", "dog"), so that a regex search finds the leftmost longest name at each place.
+        self.name_of = {n.lower(): n for n in memory.names}
+        vocab = sorted(self.name_of, key=len, reverse=True)
+        self.name_pattern = re.compile(r"\b(" + "|".join(map(re.escape, vocab)) + r")(?:e?s)?\b") if vocab else None
 
     @classmethod
     def from_pretrained(cls, llm, prefix_len, prefix_dim, memory=None, qformer=None, qformer_hidden=768,
                         qformer_layers=12, qformer_heads=12, num_query_tokens=32, num_name_queries=8, topn=10,
                         search_k=32, memory_backend="torch", freeze_qformer=True, freeze_lm=True, prompt=None,
-                        names_in_prompt=False, name_tokens=32, memory_fingerprint=None,
-                        dtype=torch.float32) -> "EVCap":
+                        names_in_prompt=False, name_tokens=32, train_names="memory", name_mask=0.4,
+                        memory_fingerprint=None, dtype=torch.float32) -> "EVCap":
         """llm: a causal LM (hub id or folder). memory: a build_memory.py file or None (no names);
         memory_fingerprint, when given, must be its fingerprint (a checkpoint's config records it).
         qformer: a saved Blip2QFormerModel folder, or None for a fresh one of qformer_hidden/layers/
         heads. freeze_qformer=False trains both Q-Formers; freeze_lm=False the LM. names_in_prompt:
-        the names also as words, at the prompt's <Names>, in a slot of name_tokens tokens."""
+        the names also as words, at the prompt's <Names>, in a slot of name_tokens tokens.
+        train_names="caption": the loss gives each image the memory's names its captions say, each
+        dropped with probability name_mask (ViECap's entity masking, 0.4), instead of the retrieved ones."""
         from transformers import Blip2QFormerModel
         prompt = prompt or (PROMPT_WITH_NAMES if names_in_prompt else PROMPT)
         if prompt.count(IMAGE_SLOT) != 1:
@@ -176,6 +184,10 @@ class EVCap(EmbToCaption):
                            f"{IMAGE_SLOT}, and without it none")
         if names_in_prompt and (name_tokens or 0) < 1:
             raise BadInput(f"name_tokens {name_tokens}: the names' slot needs at least 1 token")
+        if train_names not in ("memory", "caption"):
+            raise BadInput(f"train_names {train_names!r}: use 'memory' (the retrieved names) or 'caption'")
+        if train_names == "caption" and not 0 <= name_mask < 1:
+            raise BadInput(f"name_mask {name_mask}: a probability in [0, 1)")
         if min(num_query_tokens, num_name_queries, topn, search_k) < 1:
             raise BadInput("num_query_tokens, num_name_queries, topn and search_k must be 1 or more")
         if qformer is None and qformer_hidden % qformer_heads:
@@ -211,7 +223,8 @@ class EVCap(EmbToCaption):
                       qformer_layers=c.num_hidden_layers, qformer_heads=c.num_attention_heads,
                       num_query_tokens=num_query_tokens, num_name_queries=num_name_queries, topn=topn,
                       search_k=search_k, memory_backend=memory_backend, freeze_qformer=freeze_qformer,
-                      freeze_lm=freeze_lm, prompt=prompt, names_in_prompt=names_in_prompt, name_tokens=name_tokens)
+                      freeze_lm=freeze_lm, prompt=prompt, names_in_prompt=names_in_prompt, name_tokens=name_tokens,
+                      train_names=train_names, name_mask=name_mask if train_names == "caption" else None)
         names = NameMemory(keys, names, topn, search_k, memory_backend, info)
         model = cls(lm, tokenizer, config, image_qformer, fusion, names)
         lm.requires_grad_(not freeze_lm)
@@ -298,8 +311,33 @@ class EVCap(EmbToCaption):
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] if t else [] for t in texts]
         return [([self.bos_id] if self.bos_id is not None else []) + ids[0], *ids[1:]]
 
-    def prefix_embeds(self, z):
+    def prefix_embeds(self, z, names=None):
         """z [B,L,D] -> the LM's input before the caption [B,P,E] (what the prefix captioner's
-        loss and generate() read; every row has the same length, so the mask is all ones)."""
-        names = self.memory.retrieve(z)
+        loss and generate() read; every row has the same length, so the mask is all ones).
+        names: each image's names (default: the memory's, retrieved)."""
+        names = self.memory.retrieve(z) if names is None else names
         return self.prompt_wrap(*self.encode_img(z, names), names=names)[0]
+
+    def caption_names(self, caption):
+        """The memory's names the caption says, in its order, each once (ViECap's entities: the
+        caption's nouns that are in the vocabulary; here the vocabulary is the memory's names)."""
+        if self.name_pattern is None:
+            return []
+        return list(dict.fromkeys(self.name_of[m.group(1)] for m in self.name_pattern.finditer(caption.lower())))
+
+    def loss_prefix(self, z, captions, groups=None):
+        """The prefix the loss reads. train_names="caption" (ViECap's recipe): each image gets the
+        names its own captions say (with groups, all its references', in order of first mention),
+        each dropped with probability name_mask while training, so the LM learns to copy the names
+        it is handed, and not to lean on them alone; at inference the memory retrieves them."""
+        if self.config.get("train_names", "memory") != "caption":
+            return self.prefix_embeds(z)
+        rows = [[] for _ in range(z.shape[0])]
+        owners = range(len(captions)) if groups is None else groups.tolist()
+        for owner, caption in zip(owners, captions):
+            rows[owner] += self.caption_names(caption)
+        names = [list(dict.fromkeys(row)) for row in rows]
+        if self.training and self.config["name_mask"]:
+            keep = iter((torch.rand(sum(map(len, names))) >= self.config["name_mask"]).tolist())
+            names = [[n for n in row if next(keep)] for row in names]
+        return self.prefix_embeds(z, names)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The captioner family on the toy world, after scripts/toy_pipeline.sh: the visual-name memory
 # (every (colour, shape) of the toy world rendered, held-out pairs included, keyed by the stage-1
-# encoder), then six stage-2 captioners on the same stage-1 encoder at the same budget (BUDGET,
+# encoder), then seven stage-2 captioners on the same stage-1 encoder at the same budget (BUDGET,
 # default 400 steps of 32 with the sampled caption loss, `--preset toy` otherwise; BLIP's 26M-parameter
 # decoder makes the pipeline's own 1,400 steps of 64 too long for this table): prefix, BLIP from the packaged MiniLM, BLIP from
-# random init, EVCap with the memory, EVCap with none, EVCap with the names also in its prompt; then benchmarks.captioners' table and each
+# random init, EVCap with the memory, EVCap with none, EVCap with the names also in its prompt, and that trained on its
+# captions' names (ViECap's recipe); then benchmarks.captioners' table and each
 # captioner's decoding speed (batched + KV cache against batch-1 without a cache).
 # Re-running reuses what is on disk and resumes the training stages.
 set -euo pipefail
@@ -35,6 +36,7 @@ captioner blip_random --captioner blip --text_decoder_init random
 captioner evcap --captioner evcap --memory "$OUT/memory.safetensors"
 captioner evcap_empty --captioner evcap --memory none
 captioner evcap_names --captioner evcap --memory "$OUT/memory.safetensors" --names_in_prompt
+captioner evcap_caption --captioner evcap --memory "$OUT/memory.safetensors" --names_in_prompt --train_names caption
 mkdir -p "$OUT/eval"
 timed "captioner table (benchmarks.captioners)" $PY -m benchmarks.captioners --run "$OUT" > "$OUT/eval/captioners.md"
 for name in prefix blip evcap; do

