@@ -56,6 +56,13 @@ def build_parser():
                         "they teach the flow to leave an uncorrupted z alone (0: corrupted pairs only)")
     g.add_argument("--ridge_alpha", type=float, default=1e-3,
                    help="the baseline's ridge penalty, relative to the mean diagonal of X^T X")
+    g = p.add_argument_group("the captioner's loss on the end point (degrade, denoise; needs --stage2_ckpt)")
+    g.add_argument("--caption_nll_weight", type=float, default=0.0,
+                   help="add this times the frozen stage-2 captioner's NLL of each image's captions read off the "
+                        "flow's end point (x0 carried to t = 1 with gradients): the flow is trained for what the "
+                        "captioner reads of z, not for the squared error of every element alike (0: off)")
+    g.add_argument("--caption_nll_steps", type=int, default=8,
+                   help="Euler steps of that end point (infer's --enhancer_steps reads the flow with 8)")
     g = p.add_argument_group("velocity network")
     g.add_argument("--width", type=int, default=None, help="the flow's width (default: z's; else projected in and out)")
     g.add_argument("--depth", type=int, default=4)
@@ -79,6 +86,16 @@ def parse_args(argv=None):
             common.die(f"--clean_copies {args.clean_copies}: must be 0 or more")
     else:
         args.clean_copies = 0  # degrade's pairs only
+    if args.caption_nll_weight:
+        if args.mode not in ("degrade", "denoise"):
+            common.die(f"--caption_nll_weight reads the flow's end point as z; --mode {args.mode} does not end in the "
+                       f"captioner's z: use it with --mode degrade or denoise")
+        if not args.stage2_ckpt:
+            common.die("--caption_nll_weight needs the captioner that reads the flow's z: pass --stage2_ckpt")
+        if args.caption_nll_steps < 1:
+            common.die(f"--caption_nll_steps {args.caption_nll_steps}: must be at least 1")
+    else:
+        args.caption_nll_steps = None  # unused (and free on resume)
     if args.mode == "denoise" and args.noise_std <= 0:
         common.die(f"--noise_std {args.noise_std}: must be above 0")
     args.stage1_ckpt = common.resolve_checkpoint(args.stage1_ckpt, "vision_encoder")
@@ -92,7 +109,8 @@ def dataset_ratio(args, split):
 
 
 def split_features(args, encoder, sd, info, image_size, split, limit, device):
-    """The embeddings a mode's pairs are made of, for one split (cached for the train split)."""
+    """The embeddings a mode's pairs are made of, for one split (cached for the train split), and
+    the captions of each of their images."""
     dataset = CocoImageCaptionDataset(args.data_dir, split=split, image_size=image_size,
                                       subset_ratio=dataset_ratio(args, split),
                                       karpathy_json=args.karpathy_json, seed=args.seed, data_format=args.data_format)
@@ -120,8 +138,10 @@ def split_features(args, encoder, sd, info, image_size, split, limit, device):
                     degradations=args.degradations if kinds else None,
                     copies=args.degraded_copies if kinds else 0)
     if split != args.split:  # the val pairs are few: extracted afresh, not cached
-        return compute()
-    return common.cached_features(common.features_cache(args), settings, compute)
+        feats = compute()
+    else:
+        feats = common.cached_features(common.features_cache(args), settings, compute)
+    return feats, [dataset.captions_by_image[image_ids[p]] for p in feats["position"].tolist()]
 
 
 class Pairs:
@@ -184,11 +204,13 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator, weight_dtype = common.setup_run(args, "vlv_flow")
     device = accelerator.device
-    encoder, sd, _, info = common.load_encoder(args.stage1_ckpt, args.stage2_ckpt, device)
+    vlv = common.load_vlv(args.stage1_ckpt, args.stage2_ckpt, device) if args.caption_nll_weight else None
+    encoder, sd, _, info = (vlv.encoder, vlv.sd, None, vlv.info) if vlv else common.load_encoder(
+        args.stage1_ckpt, args.stage2_ckpt, device)
     encoder.eval().requires_grad_(False)
     image_size = args.image_size or info["stage1_image_size"]
 
-    feats = split_features(args, encoder, sd, info, image_size, args.split, None, device)
+    feats, row_captions = split_features(args, encoder, sd, info, image_size, args.split, None, device)
     z_mean, z_std = stats(feats["z"])
     pairs = Pairs(args.mode, feats, device, args.noise_std, z_std.to(device), args.clean_copies)
     if args.mode == "visual2text":
@@ -212,12 +234,16 @@ def main(argv=None):
         baseline = fit_baseline(args, pairs, config)
     val = None
     if args.val_split != "none":
-        val_feats = split_features(args, encoder, sd, info, image_size, args.val_split, args.num_val_images, device)
+        val_feats, _ = split_features(args, encoder, sd, info, image_size, args.val_split, args.num_val_images,
+                                      device)
         with torch.random.fork_rng():
             torch.manual_seed(args.seed)
             val = Pairs(args.mode, val_feats, device, args.noise_std, z_std.to(device))
             val = val(torch.arange(min(val.size, args.num_val_images), device=device))
-    del encoder, sd  # the flow trains on the cached features only
+    del encoder, sd  # the flow trains on the cached features only (and, with --caption_nll_weight, the captioner)
+    if vlv:
+        vlv.encoder = None
+        vlv.requires_grad_(False)
     common.print_main(accelerator, f"{args.mode}: {pairs.size} training pairs of [{seq_len}, {dim}]; "
                                    f"flow {sum(p.numel() for p in flow.parameters()) / 1e6:.2f}M parameters")
 
@@ -233,9 +259,15 @@ def main(argv=None):
     common.resume(trainer, args)
 
     def compute_loss(batch):
-        x0, x1 = pairs(batch["index"].to(device))
+        index = batch["index"].to(device)
+        x0, x1 = pairs(index)
         t = torch.rand(x0.shape[0], device=device)
-        return model(flow.to_source(x0), flow.to_target(x1), t)
+        if vlv is None:
+            return model(flow.to_source(x0), flow.to_target(x1), t)
+        loss, end = model(flow.to_source(x0), flow.to_target(x1), t, endpoint_steps=args.caption_nll_steps)
+        refs = [row_captions[i] for i in (index % pairs.num_images).tolist()]  # the clean image's captions
+        captions = [r[k] for r, k in zip(refs, (torch.rand(len(refs)) * torch.tensor([len(r) for r in refs])).long())]
+        return loss + args.caption_nll_weight * vlv.captioner(vlv.captioner_input(flow.from_target(end)), captions)
 
     def validate(step):
         if val is None:

@@ -152,15 +152,23 @@ class Flow(nn.Module):
     def from_target(self, x):
         return x * self.target_std + self.target_mean
 
-    def forward(self, x0, x1, t, key_padding_mask=None):
+    def forward(self, x0, x1, t, key_padding_mask=None, endpoint_steps=0):
         """Standardised ends [B,L,D], times [B] -> the flow-matching loss (mean squared error of
-        the velocity, over the tokens that are not padding)."""
+        the velocity, over the tokens that are not padding). endpoint_steps > 0: also x0 carried
+        to t = 1 in that many Euler steps, with its graph (standardised target units [B,L,D]), for
+        a loss on what the flow hands its reader: -> (loss, end point). In this one forward call,
+        so that DDP syncs the gradients of both."""
+        velocity = lambda x, s: self.net(x, s, key_padding_mask)  # noqa: E731
         xt, target = path_sample(x0, x1, t)
-        err = (self.net(xt, t, key_padding_mask) - target).pow(2).mean(-1)   # [B,L]
+        err = (velocity(xt, t) - target).pow(2).mean(-1)                      # [B,L]
         if key_padding_mask is None:
-            return err.mean()
-        keep = (~key_padding_mask).to(err.dtype)
-        return (err * keep).sum() / keep.sum().clamp(min=1)
+            loss = err.mean()
+        else:
+            keep = (~key_padding_mask).to(err.dtype)
+            loss = (err * keep).sum() / keep.sum().clamp(min=1)
+        if not endpoint_steps:
+            return loss
+        return loss, integrate(velocity, x0, 0.0, 1.0, endpoint_steps)
 
     @torch.no_grad()
     def transport(self, x, t0=0.0, steps=8, method="euler", key_padding_mask=None):

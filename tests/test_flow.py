@@ -74,6 +74,22 @@ def test_flow_overfits_a_handful_of_pairs():
     assert after < before / 10, (before, after)
 
 
+def test_flow_end_point_carries_its_graph():
+    """forward(..., endpoint_steps=K): x0 carried to t = 1 in K Euler steps, as transport() does, with
+    gradients to the velocity network (what --caption_nll_weight trains through)."""
+    torch.manual_seed(0)
+    m, s = torch.zeros(4, 8), torch.ones(4, 8)
+    flow = Flow(dict(seq_len=4, dim=8, width=16, depth=1, heads=2), m, s, m, s)
+    for p in flow.parameters():  # adaLN-Zero starts at zero velocity: make it move
+        torch.nn.init.normal_(p, std=0.1)
+    x0, x1 = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    loss, end = flow(x0, x1, torch.rand(3), endpoint_steps=3)
+    torch.testing.assert_close(end, flow.transport(x0, steps=3, method="euler"))
+    assert not torch.allclose(end, x0)
+    end.pow(2).sum().backward()
+    assert all(p.grad is not None for p in flow.net.parameters())
+
+
 def test_closed_form_baselines():
     torch.manual_seed(0)
     x0 = torch.randn(400, 3, 5)
@@ -173,6 +189,27 @@ def test_flow_resumed_run_equals_uninterrupted(world, flows, tmp_path, mode):
     full = common.load_checkpoint(os.path.join(flows[mode], "flow_4.pt"), "flow")
     resumed = common.load_checkpoint(os.path.join(out, "flow_4.pt"), "flow")
     assert common.fingerprint(full["model"]) == common.fingerprint(resumed["model"])
+
+
+def test_caption_nll_flow_trains_through_the_captioner_and_resumes_exactly(world, flows, tmp_path):
+    """--caption_nll_weight: the frozen captioner's NLL of the clean image's captions at the flow's end
+    point joins the loss (the flow then differs from the plain one), and a resumed run, whose
+    captions are drawn from the checkpointed RNG, equals an unbroken one."""
+    extra = dict(caption_nll_weight=1.0, caption_nll_steps=2)
+    full = train_flow(world, "degrade", "flow_nll", **extra)
+    out = str(tmp_path / "resumed")
+    os.makedirs(out)
+    os.link(os.path.join(full, "flow_2.pt"), os.path.join(out, "flow_2.pt"))
+    reset_accelerator_state()
+    train_flowmatching.main(flow_argv(world, out, "degrade", resume_from="latest",
+                                      features_cache=os.path.join(full, "features.safetensors"), **extra))
+    ckpts = [common.load_checkpoint(os.path.join(d, "flow_4.pt"), "flow") for d in (full, out, flows["degrade"])]
+    assert common.fingerprint(ckpts[0]["model"]) == common.fingerprint(ckpts[1]["model"])
+    assert common.fingerprint(ckpts[0]["model"]) != common.fingerprint(ckpts[2]["model"])
+    for overrides, match in [(dict(mode="prior"), "--mode prior does not end in the captioner's z"),
+                             (dict(stage2_ckpt=None), "--caption_nll_weight needs the captioner")]:
+        with pytest.raises(BadInput, match=match):
+            train_flowmatching.main(flow_argv(world, str(tmp_path / "x"), **{"mode": "degrade", **extra, **overrides}))
 
 
 def test_flow_with_ema_and_features_reused_on_resume(world, tmp_path, capsys):
