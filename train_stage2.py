@@ -93,6 +93,9 @@ def build_parser():
                    help="the names the loss hands each image: the retrieved ones (EVCap), or caption: the memory's "
                         "names its captions say, each dropped with probability --name_mask (ViECap's training)")
     g.add_argument("--name_mask", type=float, default=0.4, help="--train_names caption: ViECap's masking rate")
+    g.add_argument("--image_noise_std", type=float, default=0.0,
+                   help="--train_names caption: noise z by this multiple of its RMS element while training (ViECap's "
+                        "decoder reads a CapDec-noised embedding beside its names), so the LM copies the names")
     g.add_argument("--finetune_qformer", action=argparse.BooleanOptionalAction, default=False,
                    help="train both Q-Formers (EVCap: frozen, from BLIP-2; the toy world has no pretrained one)")
     g = p.add_argument_group("toy world")
@@ -164,6 +167,8 @@ def parse_args(argv=None):
     if args.train_names == "caption" and args.memory == "none":
         common.die("--train_names caption takes the names from the memory's vocabulary; --memory none has none: "
                    "pass a memory or --train_names memory")
+    if args.image_noise_std and args.train_names != "caption":
+        common.die("--image_noise_std weakens the image beside the names its captions say: add --train_names caption")
     if args.train_names != "caption":
         args.name_mask = None  # unused (and free on resume, as name_tokens)
     if args.memory and args.captioner != "evcap":
@@ -226,7 +231,7 @@ def _build_captioner(args, sd, stage1_fingerprint):
             num_query_tokens=args.num_query_tokens, num_name_queries=args.num_name_queries, topn=args.memory_topn,
             memory_backend=args.memory_backend, freeze_qformer=not args.finetune_qformer,
             freeze_lm=not args.finetune_lm, names_in_prompt=args.names_in_prompt, name_tokens=args.name_tokens,
-            train_names=args.train_names, name_mask=args.name_mask, **prompt)
+            train_names=args.train_names, name_mask=args.name_mask, image_noise_std=args.image_noise_std, **prompt)
         if memory:
             info = captioner.memory.info
             if info.get("stage1_fingerprint") != stage1_fingerprint or info.get("space") != args.prefix_source:

@@ -166,14 +166,15 @@ class EVCap(EmbToCaption):
                         qformer_layers=12, qformer_heads=12, num_query_tokens=32, num_name_queries=8, topn=10,
                         search_k=32, memory_backend="torch", freeze_qformer=True, freeze_lm=True, prompt=None,
                         names_in_prompt=False, name_tokens=32, train_names="memory", name_mask=0.4,
-                        memory_fingerprint=None, dtype=torch.float32) -> "EVCap":
+                        image_noise_std=0.0, memory_fingerprint=None, dtype=torch.float32) -> "EVCap":
         """llm: a causal LM (hub id or folder). memory: a build_memory.py file or None (no names);
         memory_fingerprint, when given, must be its fingerprint (a checkpoint's config records it).
         qformer: a saved Blip2QFormerModel folder, or None for a fresh one of qformer_hidden/layers/
         heads. freeze_qformer=False trains both Q-Formers; freeze_lm=False the LM. names_in_prompt:
         the names also as words, at the prompt's <Names>, in a slot of name_tokens tokens.
         train_names="caption": the loss gives each image the memory's names its captions say, each
-        dropped with probability name_mask (ViECap's entity masking, 0.4), instead of the retrieved ones."""
+        dropped with probability name_mask (ViECap's entity masking, 0.4), instead of the retrieved ones;
+        image_noise_std: and z noised by that multiple of its RMS element while training."""
         from transformers import Blip2QFormerModel
         prompt = prompt or (PROMPT_WITH_NAMES if names_in_prompt else PROMPT)
         if prompt.count(IMAGE_SLOT) != 1:
@@ -188,6 +189,9 @@ class EVCap(EmbToCaption):
             raise BadInput(f"train_names {train_names!r}: use 'memory' (the retrieved names) or 'caption'")
         if train_names == "caption" and not 0 <= name_mask < 1:
             raise BadInput(f"name_mask {name_mask}: a probability in [0, 1)")
+        if image_noise_std and train_names != "caption":
+            raise BadInput("image_noise_std weakens the image beside the names its captions say: set "
+                           "train_names='caption'")
         if min(num_query_tokens, num_name_queries, topn, search_k) < 1:
             raise BadInput("num_query_tokens, num_name_queries, topn and search_k must be 1 or more")
         if qformer is None and qformer_hidden % qformer_heads:
@@ -224,7 +228,8 @@ class EVCap(EmbToCaption):
                       num_query_tokens=num_query_tokens, num_name_queries=num_name_queries, topn=topn,
                       search_k=search_k, memory_backend=memory_backend, freeze_qformer=freeze_qformer,
                       freeze_lm=freeze_lm, prompt=prompt, names_in_prompt=names_in_prompt, name_tokens=name_tokens,
-                      train_names=train_names, name_mask=name_mask if train_names == "caption" else None)
+                      train_names=train_names, name_mask=name_mask if train_names == "caption" else None,
+                      image_noise_std=image_noise_std)
         names = NameMemory(keys, names, topn, search_k, memory_backend, info)
         model = cls(lm, tokenizer, config, image_qformer, fusion, names)
         lm.requires_grad_(not freeze_lm)
@@ -329,7 +334,8 @@ class EVCap(EmbToCaption):
         """The prefix the loss reads. train_names="caption" (ViECap's recipe): each image gets the
         names its own captions say (with groups, all its references', in order of first mention),
         each dropped with probability name_mask while training, so the LM learns to copy the names
-        it is handed, and not to lean on them alone; at inference the memory retrieves them."""
+        it is handed, and not to lean on them alone; at inference the memory retrieves them. With
+        image_noise_std, z is noised too while training."""
         if self.config.get("train_names", "memory") != "caption":
             return self.prefix_embeds(z)
         rows = [[] for _ in range(z.shape[0])]
@@ -340,4 +346,9 @@ class EVCap(EmbToCaption):
         if self.training and self.config["name_mask"]:
             keep = iter((torch.rand(sum(map(len, names))) >= self.config["name_mask"]).tolist())
             names = [[n for n in row if next(keep)] for row in names]
+        if self.training and self.config.get("image_noise_std"):
+            # ViECap's decoder reads a noised embedding (CapDec's) beside its hard prompt: with the
+            # image made unsure, the names are the evidence to copy, also a pair no caption held.
+            rms = z.detach().float().pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
+            z = z + self.config["image_noise_std"] * rms.to(z.dtype) * torch.randn_like(z)
         return self.prefix_embeds(z, names)

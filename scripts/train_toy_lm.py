@@ -15,6 +15,9 @@ in OUTPUT_DIR, --resume_from latest. At the end the LM and its tokenizer are sav
 AutoModelForCausalLM / AutoTokenizer.from_pretrained(OUTPUT_DIR).
 
     python -m scripts.train_toy_lm --data_dir checkpoints/toy/data --output_dir checkpoints/toy/lm
+
+--open_world_text N adds text naming the held-out pairs (an LM that knows names the captions lack,
+as a pretrained LM does), for the open-world captioners (scripts/captioners.sh's open rows).
 """
 import argparse
 import os
@@ -37,6 +40,10 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_dir", required=True, help="toy data root (annotations/captions_train2017.json)")
+    p.add_argument("--open_world_text", type=int, default=0,
+                   help="also read the captions of N text-only scenes that hold a held-out (colour, shape) pair: "
+                        "the text a web-trained LM has read, naming what no training caption does (EVCap's "
+                        "Vicuna knows LVIS names COCO lacks); 0: the train captions alone, the pipeline's LM")
     g = p.add_argument_group("model")
     g.add_argument("--n_positions", type=int, default=128,
                    help="context length: must exceed the captioner's prefix length + caption length")
@@ -87,6 +94,15 @@ def caption_groups(data_dir):
     return groups
 
 
+def open_world_groups(n, seed):
+    """The captions of n scenes, each with a held-out pair, grouped by scene (no image is drawn)."""
+    import numpy as np
+
+    from data.toy_world import make_captions, sample_scene
+    rng = np.random.default_rng([seed, 2])  # a stream of its own: the train and val splits use 0 and 1
+    return [make_captions(sample_scene(rng, heldout=True), rng) for _ in range(n)]
+
+
 def save_folder(lm, output_dir):
     """The LM's files into output_dir (its tokenizer is there already), config.json last: a folder
     holding config.json is whole."""
@@ -101,7 +117,7 @@ def save_folder(lm, output_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    groups = caption_groups(args.data_dir)
+    groups = caption_groups(args.data_dir) + open_world_groups(args.open_world_text, args.seed)
     accelerator, _ = common.setup_run(args, "vlv_toy_lm")
     from transformers import AutoTokenizer
     if args.resume_from and os.path.isfile(os.path.join(args.output_dir, "tokenizer.json")):

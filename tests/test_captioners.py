@@ -424,6 +424,29 @@ def test_evcap_trains_on_the_names_its_captions_say(evcap_caption_names, monkeyp
     assert set(kept) == {(), ("green triangle",), ("blue square",), ("green triangle", "blue square")}
 
 
+def test_evcap_image_noise_is_for_training_only(evcap_caption_names, monkeypatch):
+    """image_noise_std (ViECap's noised soft prompt beside its names): z is noised by that multiple of
+    its RMS element in training mode, read as it is in eval mode; without caption names, refused."""
+    from models.evcap import EVCap
+    captioner, z, _, _ = evcap_caption_names
+    seen = []
+    wrapped = captioner.prefix_embeds
+    monkeypatch.setattr(captioner, "prefix_embeds", lambda x, names=None: seen.append(x) or wrapped(x, names))
+    monkeypatch.setitem(captioner.config, "image_noise_std", 0.5)
+    captioner.eval()
+    captioner.token_nll(z, CAPTIONS)
+    captioner.train()
+    torch.manual_seed(0)
+    captioner.token_nll(z, CAPTIONS)
+    captioner.eval()
+    assert torch.equal(seen[0], z)
+    noise = (seen[1] - z).pow(2).mean(dim=(1, 2)).sqrt() / z.pow(2).mean(dim=(1, 2)).sqrt()
+    assert torch.allclose(noise, torch.full((3,), 0.5), rtol=0.25), noise
+    with pytest.raises(BadInput, match="image_noise_std weakens the image beside the names its captions say"):
+        EVCap.from_pretrained(captioner.config["llm"], prefix_len=4, prefix_dim=8, qformer_hidden=16,
+                              qformer_layers=2, qformer_heads=2, image_noise_std=1.0)
+
+
 @needs_minilm
 def test_blip_trains_on_flickr30k_captions(world, tmp_path):
     """The seed's `--captioner blip --data_format flickr30k`: Kaggle's captions.txt beside Images/."""

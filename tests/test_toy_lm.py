@@ -107,3 +107,15 @@ def test_paraphrases_of_an_image_stay_together():
 def test_missing_captions_file_is_one_line(tmp_path):
     with pytest.raises(BadInput, match="captions_train2017.json does not exist; generate the toy data first"):
         main(["--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "lm")])
+
+
+def test_open_world_text_names_every_held_out_pair():
+    """--open_world_text: captions of text-only scenes that each hold a held-out (colour, shape),
+    grouped by scene, the same for a seed, and every held-out pair among them."""
+    from data.toy_world import HELDOUT, parse_caption
+    from scripts.train_toy_lm import open_world_groups
+    groups = open_world_groups(40, seed=0)
+    assert len(groups) == 40 and groups == open_world_groups(40, seed=0) != open_world_groups(40, seed=1)
+    said = [{(o["colour"], o["shape"]) for o in parse_caption(c)["objects"]} for g in groups for c in g]
+    assert all(s & set(HELDOUT) for s in said)
+    assert set().union(*said) >= set(HELDOUT)
