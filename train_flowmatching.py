@@ -27,6 +27,7 @@ import errors
 from data.coco import CocoImageCaptionDataset
 from data.degrade import DEGRADATIONS, parse_degradations, random_degrade
 from models.checkpointing import checkpoint_submodules
+from models.emb_to_caption import flatten_references
 from models.flow import SOLVERS, Block, Flow, GaussianPrior, RidgeMap
 
 CKPT_PREFIX = "flow"
@@ -265,9 +266,11 @@ def main(argv=None):
         if vlv is None:
             return model(flow.to_source(x0), flow.to_target(x1), t)
         loss, end = model(flow.to_source(x0), flow.to_target(x1), t, endpoint_steps=args.caption_nll_steps)
-        refs = [row_captions[i] for i in (index % pairs.num_images).tolist()]  # the clean image's captions
-        captions = [r[k] for r, k in zip(refs, (torch.rand(len(refs)) * torch.tensor([len(r) for r in refs])).long())]
-        return loss + args.caption_nll_weight * vlv.captioner(vlv.captioner_input(flow.from_target(end)), captions)
+        # The clean image's references, of which the one the captioner finds likeliest counts (its
+        # own stage-2 pick, best_ref): a random one would pull z towards hedging between phrasings.
+        captions, groups = flatten_references([row_captions[i] for i in (index % pairs.num_images).tolist()])
+        nll = vlv.captioner(vlv.captioner_input(flow.from_target(end)), captions, groups, pick="best")
+        return loss + args.caption_nll_weight * nll
 
     def validate(step):
         if val is None:
