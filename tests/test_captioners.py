@@ -336,6 +336,11 @@ def test_captioner_benchmark_table(world, runs, tmp_path, capsys):
     assert [r["key"] for r in results] == list(rows)
     assert all(0 <= r["seen"] <= 1 and r["params"] > 0 and r["step"] > 0 for r in results)
     assert all(captioners.ROWS[k] in out for k in rows) and "trainable parameters" in out
+    # --true_names: each EVCap row read a second time with the scene's names instead of the memory's
+    results = captioners.main(["--run", str(run), "--rows", "evcap", "--num_samples", "6", "--batch_size", "4",
+                               "--true_names", "--memory_topn", "1"])
+    assert [r["key"] for r in results] == ["evcap", "evcap+true"]
+    assert "EVCap, memory on, true names" in capsys.readouterr().out
     with pytest.raises(BadInput, match="no captioner at"):
         captioners.main(["--run", str(run), "--rows", "blip_random"])
 
