@@ -205,9 +205,12 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator, weight_dtype = common.setup_run(args, "vlv_flow")
     device = accelerator.device
-    vlv = common.load_vlv(args.stage1_ckpt, args.stage2_ckpt, device) if args.caption_nll_weight else None
-    encoder, sd, _, info = (vlv.encoder, vlv.sd, None, vlv.info) if vlv else common.load_encoder(
-        args.stage1_ckpt, args.stage2_ckpt, device)
+    if args.caption_nll_weight:  # the captioner too, which the loss reads the flow's end point with
+        vlv = common.load_vlv(args.stage1_ckpt, args.stage2_ckpt, device)
+        encoder, sd, info = vlv.encoder, vlv.sd, vlv.info
+    else:
+        vlv = None
+        encoder, sd, _, info = common.load_encoder(args.stage1_ckpt, args.stage2_ckpt, device)
     encoder.eval().requires_grad_(False)
     image_size = args.image_size or info["stage1_image_size"]
 

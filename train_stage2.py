@@ -22,7 +22,7 @@ from models.checkpointing import enable_library_checkpointing
 import errors
 from data.coco import CocoImageCaptionDataset
 from models.bridge import normalize
-from models.emb_to_caption import EmbToCaption, flatten_references
+from models.emb_to_caption import EmbToCaption, flatten_references, rms_noised
 from models.vision_to_textemb import VisionToTextEmb
 from models.vlv import VLV
 
@@ -368,8 +368,7 @@ def main(argv=None):
         """The captioner's inputs [B,L,D] for feature rows idx (noised when --text_noise_std)."""
         x = inputs[idx]
         if args.text_noise_std:
-            rms = x.flatten(1).norm(dim=1).view(-1, 1, 1) / x[0].numel() ** 0.5
-            x = x + args.text_noise_std * rms * torch.randn(x.shape, device=device)
+            x = rms_noised(x, args.text_noise_std)
         if text_space["scale"]:  # the norm the bridge hands the captioner at inference
             x = text_space["scale"] * normalize(x, text_space["layout"])
         return x

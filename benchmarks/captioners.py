@@ -22,6 +22,7 @@ import torch
 import common
 import errors
 from data.coco import CocoImageCaptionDataset, image_transform, load_rgb
+from data.toy_world import folder_of, name_of
 
 ROWS = {
     "prefix": "prefix (psi(z) -> toy LM)",
@@ -87,7 +88,7 @@ def main(argv=None):
             vlv.captioner.memory.topn = args.memory_topn
         readings = [(key, ROWS[key], None)]
         if evcap and args.true_names:
-            true_names = {i: list(dict.fromkeys(f"{o['colour']} {o['shape']}"
+            true_names = {i: list(dict.fromkeys(name_of(folder_of(o["colour"], o["shape"]))
                                                 for o in dataset.images_info[i]["scene"]["objects"])) for i in ids}
             readings.append((key + "+true", ROWS[key] + ", true names", true_names))
         for name, label, names in readings:
@@ -95,13 +96,13 @@ def main(argv=None):
             with torch.no_grad():
                 vlv.caption(images[:2], num_beams=args.num_beams)  # warm-up: first-call allocations not timed
                 for s in range(0, len(ids), args.batch_size):
-                    batch = ids[s:s + args.batch_size]
+                    batch, batch_images = ids[s:s + args.batch_size], images[s:s + args.batch_size]
                     start = time.perf_counter()
                     if names is None:
-                        captions = vlv.caption(images[s:s + args.batch_size], num_beams=args.num_beams)
+                        captions = vlv.caption(batch_images, num_beams=args.num_beams)
                     else:  # the memory's answer replaced by the scene's names, for this batch
                         with mock.patch.object(vlv.captioner.memory, "retrieve", lambda z: [names[i] for i in batch]):
-                            captions = vlv.caption(images[s:s + args.batch_size], num_beams=args.num_beams)
+                            captions = vlv.caption(batch_images, num_beams=args.num_beams)
                     seconds += time.perf_counter() - start
                     preds.update(zip(batch, captions))
             groups = attribute_accuracy(preds, dataset.images_info)

@@ -91,6 +91,13 @@ def pad_ids(ids, pad_id, device):
     return tokens, mask
 
 
+def rms_noised(x, std):
+    """x [B,...] plus Gaussian noise of std times each row's RMS element (CapDec's noise injection,
+    scaled to the embedding rather than absolute)."""
+    rms = x.detach().float().flatten(1).pow(2).mean(1).sqrt().view(-1, *[1] * (x.dim() - 1))
+    return x + std * rms.to(x.dtype) * torch.randn_like(x)
+
+
 def flatten_references(refs):
     """[[caption, ...] for each image] -> (captions, groups): every caption in one list, and the
     LongTensor [N] of the image each belongs to (the groups of EmbToCaption.forward)."""

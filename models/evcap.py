@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import BadInput
-from models.emb_to_caption import EmbToCaption, _load_lm, pad_ids
+from models.emb_to_caption import EmbToCaption, _load_lm, pad_ids, rms_noised
 
 PROMPT = "###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: "
 IMAGE_SLOT = "<ImageHere>"
@@ -349,6 +349,5 @@ class EVCap(EmbToCaption):
         if self.training and self.config.get("image_noise_std"):
             # ViECap's decoder reads a noised embedding (CapDec's) beside its hard prompt: with the
             # image made unsure, the names are the evidence to copy, also a pair no caption held.
-            rms = z.detach().float().pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
-            z = z + self.config["image_noise_std"] * rms.to(z.dtype) * torch.randn_like(z)
+            z = rms_noised(z, self.config["image_noise_std"])
         return self.prefix_embeds(z, names)
