@@ -96,6 +96,14 @@ def build_parser():
     g.add_argument("--image_noise_std", type=float, default=0.0,
                    help="--train_names caption: noise z by this multiple of its RMS element while training (ViECap's "
                         "decoder reads a CapDec-noised embedding beside its names), so the LM copies the names")
+    g.add_argument("--name_swap", type=float, default=0.0,
+                   help="--train_names caption: counterfactual pairs: with this probability an image's names are "
+                        "swapped for others of --swap_from, in its prompt and its captions alike, so the LM learns "
+                        "to write the names it is handed over the pair the image shows")
+    g.add_argument("--swap_from", default="seen", choices=["seen", "memory"],
+                   help="--name_swap's names: seen: those the training captions say (no other pair enters the "
+                        "text); memory: all of the memory's, a pair no caption holds among them (text-only "
+                        "knowledge of its names, as a pretrained LM has)")
     g.add_argument("--finetune_qformer", action=argparse.BooleanOptionalAction, default=False,
                    help="train both Q-Formers (EVCap: frozen, from BLIP-2; the toy world has no pretrained one)")
     g = p.add_argument_group("toy world")
@@ -167,8 +175,9 @@ def parse_args(argv=None):
     if args.train_names == "caption" and args.memory == "none":
         common.die("--train_names caption takes the names from the memory's vocabulary; --memory none has none: "
                    "pass a memory or --train_names memory")
-    if args.image_noise_std and args.train_names != "caption":
-        common.die("--image_noise_std weakens the image beside the names its captions say: add --train_names caption")
+    for flag in ("image_noise_std", "name_swap"):
+        if getattr(args, flag) and args.train_names != "caption":
+            common.die(f"--{flag} acts on the names the captions say: add --train_names caption")
     if args.train_names != "caption":
         args.name_mask = None  # unused (and free on resume, as name_tokens)
     if args.memory and args.captioner != "evcap":
@@ -199,9 +208,9 @@ def parse_args(argv=None):
     return args
 
 
-def build_captioner(args, sd, stage1_fingerprint):
+def build_captioner(args, sd, stage1_fingerprint, dataset):
     """The --captioner the flags describe, reading inputs of sd's shape [L, D]."""
-    captioner = _build_captioner(args, sd, stage1_fingerprint)
+    captioner = _build_captioner(args, sd, stage1_fingerprint, dataset)
     if args.label_smoothing is not None:  # a training setting: the checkpoint's config does not need it
         captioner.label_smoothing = args.label_smoothing
     # now, not at the first sample
@@ -209,7 +218,7 @@ def build_captioner(args, sd, stage1_fingerprint):
     return captioner
 
 
-def _build_captioner(args, sd, stage1_fingerprint):
+def _build_captioner(args, sd, stage1_fingerprint, dataset):
     shape = dict(prefix_len=sd.seq_len, prefix_dim=sd.embed_dim)
     prompt = {} if args.prompt is None else dict(prompt=args.prompt)
     if args.captioner == "blip":
@@ -222,8 +231,11 @@ def _build_captioner(args, sd, stage1_fingerprint):
               f"(the cross-attention layers{' and the LM head transform' if loaded else ''})", flush=True)
         return captioner
     if args.captioner == "evcap":
-        from models.evcap import EVCap
+        from models.evcap import EVCap, load_memory, names_said
         memory = None if args.memory == "none" else os.path.abspath(args.memory)
+        swap_names = None  # --swap_from memory: all of its names
+        if args.name_swap and args.swap_from == "seen":  # the memory's names the training captions say
+            swap_names = names_said(load_memory(memory)[1], [c for _, c in dataset.items])
         captioner = EVCap.from_pretrained(
             common.local_or_hub(args.llm), **shape, memory=memory,
             qformer=common.local_or_hub(args.qformer) if args.qformer else None, qformer_hidden=args.qformer_hidden,
@@ -231,7 +243,8 @@ def _build_captioner(args, sd, stage1_fingerprint):
             num_query_tokens=args.num_query_tokens, num_name_queries=args.num_name_queries, topn=args.memory_topn,
             memory_backend=args.memory_backend, freeze_qformer=not args.finetune_qformer,
             freeze_lm=not args.finetune_lm, names_in_prompt=args.names_in_prompt, name_tokens=args.name_tokens,
-            train_names=args.train_names, name_mask=args.name_mask, image_noise_std=args.image_noise_std, **prompt)
+            train_names=args.train_names, name_mask=args.name_mask, image_noise_std=args.image_noise_std,
+            name_swap=args.name_swap, swap_names=swap_names, **prompt)
         if memory:
             info = captioner.memory.info
             if info.get("stage1_fingerprint") != stage1_fingerprint or info.get("space") != args.prefix_source:
@@ -299,7 +312,10 @@ def main(argv=None):
     encoder.requires_grad_(args.finetune_encoder)
     if not args.finetune_encoder:
         encoder.eval()
-    captioner = build_captioner(args, sd, stage1_fingerprint)
+    dataset = CocoImageCaptionDataset(args.data_dir, split=args.split, image_size=image_size,
+                                      subset_ratio=args.subset_ratio, karpathy_json=args.karpathy_json,
+                                      seed=args.seed, data_format=args.data_format)
+    captioner = build_captioner(args, sd, stage1_fingerprint, dataset)
     if args.gradient_checkpointing:  # the LM, the BERT decoder, the Q-Formers: transformers' own switch
         common.print_main(accelerator, "gradient checkpointing: " + ", ".join(enable_library_checkpointing(captioner)))
     trainable = sum(p.numel() for p in captioner.parameters() if p.requires_grad)
@@ -307,9 +323,6 @@ def main(argv=None):
                                    f"{sum(p.numel() for p in captioner.parameters()):,}")
     vlv = VLV(encoder, sd, captioner, args.prefix_source, image_size)
 
-    dataset = CocoImageCaptionDataset(args.data_dir, split=args.split, image_size=image_size,
-                                      subset_ratio=args.subset_ratio, karpathy_json=args.karpathy_json,
-                                      seed=args.seed, data_format=args.data_format)
     repeats = {}
     if args.two_object_repeat > 1:
         scenes = {i: info.get("scene") for i, info in dataset.images_info.items()}

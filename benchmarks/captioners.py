@@ -1,7 +1,7 @@
 """The captioner family side by side on the toy world: the prefix captioner, BLIP from the packaged
 MiniLM and from random init, EVCap with its visual-name memory, with none, and with the retrieved
-names also written into its prompt (--names_in_prompt), and trained on the names its captions say
-(--train_names caption, ViECap's recipe), all on the same
+names also written into its prompt (--names_in_prompt), trained on the names its captions say
+(--train_names caption, ViECap's recipe), and that with counterfactual pairs (--name_swap), all on the same
 stage-1 encoder at the same budget (RUN/captioners/<row> from scripts/captioners.sh). Cells: the
 share of seen and held-out val images whose caption gets every attribute right (data/judge), BLEU-4,
 METEOR, CIDEr-D (pycocoevalcap), trainable parameters, the run's training s/step (summary.json) and
@@ -32,6 +32,7 @@ ROWS = {
     "evcap_empty": "EVCap, memory empty",
     "evcap_names": "EVCap, memory on, names in the prompt (ViECap)",
     "evcap_caption": "EVCap, names in the prompt, trained on its captions' names (ViECap)",
+    "evcap_swap": "the same with counterfactual pairs (names swapped in prompt and caption)",
 }
 
 
@@ -132,7 +133,7 @@ def main(argv=None):
     for k in ("blip", "evcap"):
         if k in by:
             lines.append(f"{ROWS[k]} >= 0.95 seen: {'yes' if by[k]['seen'] >= 0.95 else 'no'} ({by[k]['seen']:.3f})")
-    for k in ("evcap", "evcap_names", "evcap_caption"):
+    for k in ("evcap", "evcap_names", "evcap_caption", "evcap_swap"):
         if k in by:
             lines.append(f"{ROWS[k]} >= 0.5 held-out: {'yes' if by[k]['heldout'] >= 0.5 else 'no'} "
                          f"({by[k]['heldout']:.3f})")

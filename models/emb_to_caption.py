@@ -272,9 +272,10 @@ class EmbToCaption(Captioner):
     def embed_tokens(self, ids):
         return self.lm.get_input_embeddings()(ids)
 
-    def loss_prefix(self, z, captions, groups=None):
-        """The prefix the loss reads for these captions of z (EVCap's may hold the captions' names)."""
-        return self.prefix_embeds(z)
+    def loss_inputs(self, z, captions, groups=None):
+        """(The prefix the loss reads for these captions of z, the captions it scores): EVCap's
+        prefix may hold the captions' names, and its counterfactual pairs rewrite the captions."""
+        return self.prefix_embeds(z), captions
 
     def prefix_embeds(self, z):
         """z [B,L,D] -> [B, L(+1 for BOS), H] in the LM's dtype: the start of every sequence."""
@@ -305,7 +306,7 @@ class EmbToCaption(Captioner):
         Caption i is read after the prefix of z[i], or of z[groups[i]] when groups is given: then
         each image's prefix runs through the LM once and all its captions attend to the same cached
         keys and values (the prefix is 77 (+1) positions with SD 2.1, 16 (+1) on the toy world)."""
-        prefix = self.loss_prefix(z, captions, groups)                  # [B,P,H], P = L(+1)
+        prefix, captions = self.loss_inputs(z, captions, groups)        # [B,P,H], P = L(+1)
         ids = self.tokenize(captions)
         tokens, token_mask = pad_ids(ids, self.pad_id, z.device)
         (N, T), P = tokens.shape, prefix.shape[1]

@@ -123,6 +123,23 @@ class NameMemory(nn.Module):
 
 
 # ---- the captioner ------------------------------------------------------------------------------
+def name_matcher(names):
+    """-> ({lower-case name: name}, a regex of the names as whole words or their plurals, any case;
+    None for no names). A longer name comes before one it holds ("hot dog", "dog"), so that a
+    search finds the leftmost longest name at each place."""
+    name_of = {n.lower(): n for n in names}
+    vocab = sorted(name_of, key=len, reverse=True)
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, vocab)) + r")(?:e?s)?\b", re.IGNORECASE) if vocab else None
+    return name_of, pattern
+
+
+def names_said(names, captions):
+    """The names (of `names`) that any of the captions says, sorted: e.g. a memory's names that its
+    training captions hold, the pairs they do not being held out."""
+    name_of, pattern = name_matcher(names)
+    return sorted({name_of[m.group(1).lower()] for c in captions for m in pattern.finditer(c)} if pattern else ())
+
+
 def additive_mask(mask, dtype):
     """[B,T] 1 = attend -> [B,1,1,T]: 0 where attended, the dtype's minimum where not (what both the
     eager and the SDPA attention of transformers add to the scores)."""
@@ -155,18 +172,15 @@ class EVCap(EmbToCaption):
         self.name_tokens = config["name_tokens"] if config.get("names_in_prompt") else 0
         self.prefix_positions = (sum(len(x) for x in self.prompt_ids) + config["num_query_tokens"]
                                  + config["num_name_queries"] + self.name_tokens)
-        # The memory's names as whole words or their plurals, a longer name before one it holds
-        # ("hot dog", "dog"), so that a regex search finds the leftmost longest name at each place.
-        self.name_of = {n.lower(): n for n in memory.names}
-        vocab = sorted(self.name_of, key=len, reverse=True)
-        self.name_pattern = re.compile(r"\b(" + "|".join(map(re.escape, vocab)) + r")(?:e?s)?\b") if vocab else None
+        self.name_of, self.name_pattern = name_matcher(memory.names)
 
     @classmethod
     def from_pretrained(cls, llm, prefix_len, prefix_dim, memory=None, qformer=None, qformer_hidden=768,
                         qformer_layers=12, qformer_heads=12, num_query_tokens=32, num_name_queries=8, topn=10,
                         search_k=32, memory_backend="torch", freeze_qformer=True, freeze_lm=True, prompt=None,
                         names_in_prompt=False, name_tokens=32, train_names="memory", name_mask=0.4,
-                        image_noise_std=0.0, memory_fingerprint=None, dtype=torch.float32) -> "EVCap":
+                        image_noise_std=0.0, name_swap=0.0, swap_names=None, memory_fingerprint=None,
+                        dtype=torch.float32) -> "EVCap":
         """llm: a causal LM (hub id or folder). memory: a build_memory.py file or None (no names);
         memory_fingerprint, when given, must be its fingerprint (a checkpoint's config records it).
         qformer: a saved Blip2QFormerModel folder, or None for a fresh one of qformer_hidden/layers/
@@ -174,7 +188,10 @@ class EVCap(EmbToCaption):
         the names also as words, at the prompt's <Names>, in a slot of name_tokens tokens.
         train_names="caption": the loss gives each image the memory's names its captions say, each
         dropped with probability name_mask (ViECap's entity masking, 0.4), instead of the retrieved ones;
-        image_noise_std: and z noised by that multiple of its RMS element while training."""
+        image_noise_std: and z noised by that multiple of its RMS element while training. name_swap:
+        the probability that an image's names are swapped, in its prompt and its captions alike, for
+        others of swap_names (default: the memory's), so the LM learns to write the names it is handed
+        over the pair the image shows (counterfactual pairs)."""
         from transformers import Blip2QFormerModel
         prompt = prompt or (PROMPT_WITH_NAMES if names_in_prompt else PROMPT)
         if prompt.count(IMAGE_SLOT) != 1:
@@ -189,9 +206,11 @@ class EVCap(EmbToCaption):
             raise BadInput(f"train_names {train_names!r}: use 'memory' (the retrieved names) or 'caption'")
         if train_names == "caption" and not 0 <= name_mask < 1:
             raise BadInput(f"name_mask {name_mask}: a probability in [0, 1)")
-        if image_noise_std and train_names != "caption":
-            raise BadInput("image_noise_std weakens the image beside the names its captions say: set "
-                           "train_names='caption'")
+        for flag, value in (("image_noise_std", image_noise_std), ("name_swap", name_swap)):
+            if value and train_names != "caption":
+                raise BadInput(f"{flag} acts on the names the captions say: set train_names='caption'")
+        if not 0 <= name_swap < 1:
+            raise BadInput(f"name_swap {name_swap}: a probability in [0, 1)")
         if min(num_query_tokens, num_name_queries, topn, search_k) < 1:
             raise BadInput("num_query_tokens, num_name_queries, topn and search_k must be 1 or more")
         if qformer is None and qformer_hidden % qformer_heads:
@@ -229,7 +248,10 @@ class EVCap(EmbToCaption):
                       search_k=search_k, memory_backend=memory_backend, freeze_qformer=freeze_qformer,
                       freeze_lm=freeze_lm, prompt=prompt, names_in_prompt=names_in_prompt, name_tokens=name_tokens,
                       train_names=train_names, name_mask=name_mask if train_names == "caption" else None,
-                      image_noise_std=image_noise_std)
+                      image_noise_std=image_noise_std, name_swap=name_swap,
+                      swap_names=sorted(set(swap_names if swap_names is not None else names)) if name_swap else None)
+        if name_swap and len(config["swap_names"]) < 2:
+            raise BadInput(f"name_swap needs at least 2 names to swap between; it has {config['swap_names']}")
         names = NameMemory(keys, names, topn, search_k, memory_backend, info)
         model = cls(lm, tokenizer, config, image_qformer, fusion, names)
         lm.requires_grad_(not freeze_lm)
@@ -328,26 +350,60 @@ class EVCap(EmbToCaption):
         caption's nouns that are in the vocabulary; here the vocabulary is the memory's names)."""
         if self.name_pattern is None:
             return []
-        return list(dict.fromkeys(self.name_of[m.group(1)] for m in self.name_pattern.finditer(caption.lower())))
+        return list(dict.fromkeys(self.name_of[m.group(1).lower()] for m in self.name_pattern.finditer(caption)))
 
-    def loss_prefix(self, z, captions, groups=None):
-        """The prefix the loss reads. train_names="caption" (ViECap's recipe): each image gets the
-        names its own captions say (with groups, all its references', in order of first mention),
-        each dropped with probability name_mask while training, so the LM learns to copy the names
-        it is handed, and not to lean on them alone; at inference the memory retrieves them. With
-        image_noise_std, z is noised too while training."""
+    def loss_inputs(self, z, captions, groups=None):
+        """(The prefix the loss reads, the captions it scores). train_names="caption" (ViECap's
+        recipe): each image gets the names its own captions say (with groups, all its references',
+        in order of first mention), each dropped with probability name_mask while training, so the LM
+        learns to copy the names it is handed, and not to lean on them alone; at inference the memory
+        retrieves them. With image_noise_std, z is noised too while training; with name_swap, an
+        image's names are swapped for others in its prompt and its captions alike."""
         if self.config.get("train_names", "memory") != "caption":
-            return self.prefix_embeds(z)
+            return self.prefix_embeds(z), captions
+        owners = list(range(len(captions))) if groups is None else groups.tolist()
         rows = [[] for _ in range(z.shape[0])]
-        owners = range(len(captions)) if groups is None else groups.tolist()
         for owner, caption in zip(owners, captions):
             rows[owner] += self.caption_names(caption)
         names = [list(dict.fromkeys(row)) for row in rows]
+        swapped = [False] * len(names)
+        if self.training and self.config.get("name_swap"):
+            names, captions, swapped = self.swap_names(names, captions, owners)
         if self.training and self.config["name_mask"]:
+            # a swapped name stays: the image cannot say it in its place
             keep = iter((torch.rand(sum(map(len, names))) >= self.config["name_mask"]).tolist())
-            names = [[n for n in row if next(keep)] for row in names]
+            names = [[n for n in row if next(keep) or swap] for row, swap in zip(names, swapped)]
         if self.training and self.config.get("image_noise_std"):
             # ViECap's decoder reads a noised embedding (CapDec's) beside its hard prompt: with the
             # image made unsure, the names are the evidence to copy, also a pair no caption held.
             z = rms_noised(z, self.config["image_noise_std"])
-        return self.prefix_embeds(z, names)
+        return self.prefix_embeds(z, names), captions
+
+    def swap_names(self, names, captions, owners):
+        """Counterfactual pairs: with probability name_swap, each name of an image is replaced by a
+        different one of swap_names (none of its others), in its names and every caption of it, so
+        that the image no longer says what the caption writes and only the prompt does; an LM
+        trained so copies the names it is handed, a pair no caption held among them. -> (names,
+        captions, swapped per image). torch's RNG draws, so a resumed run draws the same."""
+        vocab = self.config["swap_names"]
+        swap = (torch.rand(len(names)) < self.config["name_swap"]).tolist()
+        maps = []
+        for k, row in enumerate(names):
+            pool = [n for n in vocab if n not in row] if swap[k] and row else []
+            mapping = {}
+            for name in row if pool else ():
+                mapping[name] = pool.pop(int(torch.randint(len(pool), ())))
+                if not pool:
+                    break
+            swap[k] = bool(mapping)
+            maps.append(mapping)
+            names[k] = [mapping.get(n, n) for n in row]
+
+        def rewrite(mapping, caption):
+            def one(m):
+                new = mapping.get(self.name_of[m.group(1).lower()])
+                return m.group(0) if new is None else new + m.group(0)[len(m.group(1)):]
+            return self.name_pattern.sub(one, caption)
+
+        captions = [rewrite(maps[o], c) if maps[o] else c for o, c in zip(owners, captions)]
+        return names, captions, swap

@@ -11,7 +11,7 @@ import torch
 import common
 import infer
 import train_stage2
-from conftest import argv_of, needs_java, save_tiny_llama
+from conftest import argv_of, needs_java, reset_accelerator_state, save_tiny_llama
 from errors import BadInput
 
 MINILM = common.MINILM
@@ -230,7 +230,7 @@ CAPTIONER_FLAGS = {
                   num_name_queries=2, memory_topn=2, prompt="<Img><ImageHere></Img> "),
     "evcap_names": dict(captioner="evcap", qformer_hidden=16, qformer_layers=2, qformer_heads=2, num_query_tokens=4,
                         num_name_queries=2, memory_topn=2, names_in_prompt=True, name_tokens=6,
-                        train_names="caption", prompt="<Img><ImageHere></Img> <Names>: "),
+                        train_names="caption", name_swap=0.5, prompt="<Img><ImageHere></Img> <Names>: "),
 }
 
 
@@ -273,6 +273,46 @@ def test_evcap_checkpoint_holds_what_trains_and_its_fresh_qformers(runs):
     assert sorted({k.split(".")[0] for k in ckpt["model"]["captioner"]}) == [
         "fusion", "name_queries", "proj", "qformer", "query_tokens"]
     assert ckpt["config"]["captioner"]["memory_fingerprint"]
+
+
+def test_name_swap_draws_the_names_training_captions_say(world, runs):
+    """--name_swap with --swap_from seen (the default): the names it swaps between are the memory's that
+    the training captions say, so no held-out pair enters the text; --swap_from memory: all of them."""
+    from data.coco import CocoImageCaptionDataset
+    from data.toy_world import HELDOUT
+    from models.evcap import load_memory, names_said
+    config = common.load_checkpoint(common.resolve_checkpoint(runs["evcap_names"], "captioner"), "stage2")["config"]
+    train = CocoImageCaptionDataset(world["data"], split="train", image_size=16)
+    said = names_said(load_memory(world["memory"])[1], [c for _, c in train.items])
+    assert config["captioner"]["swap_names"] == said and len(said) >= 2
+    assert not set(said) & {f"{colour} {shape}" for colour, shape in HELDOUT}
+    out = str(world["root"] / "evcap_swap_memory")
+    flags = dict(CAPTIONER_FLAGS["evcap_names"], memory=world["memory"], swap_from="memory", max_steps=1, checkpointing_steps=1)
+    train_stage2.main(stage2_argv(world, out, **flags))
+    config = common.load_checkpoint(common.resolve_checkpoint(out, "captioner"), "stage2")["config"]
+    assert config["captioner"]["swap_names"] == sorted(set(load_memory(world["memory"])[1]))
+    with pytest.raises(BadInput, match="--name_swap acts on the names the captions say: add --train_names caption"):
+        train_stage2.main(stage2_argv(world, out, **dict(flags, train_names="memory")))
+
+
+def test_name_swap_run_resumed_equals_uninterrupted(world, tmp_path):
+    """The swaps and the name masking draw from the saved RNG: a run resumed at step 2 ends where the
+    uninterrupted one does."""
+    flags = dict(CAPTIONER_FLAGS["evcap_names"], memory=world["memory"], max_steps=4, checkpointing_steps=2,
+                 checkpoints_total_limit=0)
+    runs = {}
+    for name in ("full", "resumed"):
+        out = str(tmp_path / name)
+        argv = stage2_argv(world, out, **flags)
+        if name == "resumed":
+            os.makedirs(out)
+            os.link(os.path.join(runs["full"], "captioner_2.pt"), os.path.join(out, "captioner_2.pt"))
+            argv += ["--resume_from", "latest"]
+        reset_accelerator_state()
+        train_stage2.main(argv)
+        runs[name] = out
+    ckpts = [common.load_checkpoint(os.path.join(runs[n], "captioner_4.pt"), "stage2") for n in runs]
+    assert common.fingerprint(ckpts[0]["model"]["captioner"]) == common.fingerprint(ckpts[1]["model"]["captioner"])
 
 
 def test_a_checkpoint_of_one_captioner_resumed_as_another_is_one_line(world, runs, tmp_path):
@@ -447,9 +487,40 @@ def test_evcap_image_noise_is_for_training_only(evcap_caption_names, monkeypatch
     assert torch.equal(seen[0], z)
     noise = (seen[1] - z).pow(2).mean(dim=(1, 2)).sqrt() / z.pow(2).mean(dim=(1, 2)).sqrt()
     assert torch.allclose(noise, torch.full((3,), 0.5), rtol=0.25), noise
-    with pytest.raises(BadInput, match="image_noise_std weakens the image beside the names its captions say"):
+    with pytest.raises(BadInput, match="image_noise_std acts on the names the captions say: set train_names='caption'"):
         EVCap.from_pretrained(captioner.config["llm"], prefix_len=4, prefix_dim=8, qformer_hidden=16,
                               qformer_layers=2, qformer_heads=2, image_noise_std=1.0)
+
+
+def test_evcap_name_swap_rewrites_prompt_and_captions_alike(evcap_caption_names, monkeypatch):
+    """name_swap (counterfactual pairs): in training mode an image's names are replaced by other names
+    of swap_names, all different, in the names it is handed and in every caption of it (plurals and
+    the rest of the caption kept); in eval mode nothing is swapped; a swap with one name is refused."""
+    from models.evcap import EVCap, names_said
+    captioner, z, _, _ = evcap_caption_names
+    handed, scored = [], []
+    wrapped, tokenize = captioner.prefix_embeds, captioner.tokenize
+    monkeypatch.setattr(captioner, "prefix_embeds", lambda x, names=None: handed.append(names) or wrapped(x, names))
+    monkeypatch.setattr(captioner, "tokenize", lambda captions: scored.append(captions) or tokenize(captions))
+    monkeypatch.setitem(captioner.config, "name_swap", 0.999)
+    monkeypatch.setitem(captioner.config, "swap_names", ["blue square", "green triangle", "red circle", "red square"])
+    captions = ["Two Green Triangles right of a blue square", "a green triangle by a blue square", "a red circle"]
+    captioner.train()
+    torch.manual_seed(0)
+    for _ in range(10):
+        captioner.token_nll(z[:2], captions, torch.tensor([0, 0, 1]))
+        (first, second), (red,) = handed[-1]
+        assert {first, second}.isdisjoint({"green triangle", "blue square"}) and first != second
+        assert red != "red circle"
+        assert scored[-1] == [f"Two {first}s right of a {second}", f"a {first} by a {second}", f"a {red}"]
+    captioner.eval()
+    captioner.token_nll(z[:2], captions, torch.tensor([0, 0, 1]))
+    assert handed[-1] == [["green triangle", "blue square"], ["red circle"]] and scored[-1] == captions
+    assert names_said(["red circle", "blue square", "red triangle"], ["A Red Circle by blue squares"]) == [
+        "blue square", "red circle"]
+    with pytest.raises(BadInput, match=r"name_swap needs at least 2 names to swap between; it has \['red circle'\]"):
+        EVCap.from_pretrained(captioner.config["llm"], prefix_len=4, prefix_dim=8, qformer_hidden=16, qformer_layers=2,
+                              qformer_heads=2, train_names="caption", name_swap=0.5, swap_names=["red circle"])
 
 
 @needs_minilm
