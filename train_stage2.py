@@ -97,9 +97,9 @@ def build_parser():
                    help="--train_names caption: noise z by this multiple of its RMS element while training (ViECap's "
                         "decoder reads a CapDec-noised embedding beside its names), so the LM copies the names")
     g.add_argument("--name_swap", type=float, default=0.0,
-                   help="--train_names caption: counterfactual pairs: with this probability an image's names are "
-                        "swapped for others of --swap_from, in its prompt and its captions alike, so the LM learns "
-                        "to write the names it is handed over the pair the image shows")
+                   help="--train_names caption: counterfactual pairs: with this probability one of an image's names "
+                        "is swapped for another of --swap_from, in its prompt and its captions alike, so the LM "
+                        "learns to write the names it is handed over the pair the image shows")
     g.add_argument("--swap_from", default="seen", choices=["seen", "memory"],
                    help="--name_swap's names: seen: those the training captions say (no other pair enters the "
                         "text); memory: all of the memory's, a pair no caption holds among them (text-only "

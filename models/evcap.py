@@ -189,9 +189,9 @@ class EVCap(EmbToCaption):
         train_names="caption": the loss gives each image the memory's names its captions say, each
         dropped with probability name_mask (ViECap's entity masking, 0.4), instead of the retrieved ones;
         image_noise_std: and z noised by that multiple of its RMS element while training. name_swap:
-        the probability that an image's names are swapped, in its prompt and its captions alike, for
-        others of swap_names (default: the memory's), so the LM learns to write the names it is handed
-        over the pair the image shows (counterfactual pairs)."""
+        the probability that one of an image's names is swapped, in its prompt and its captions alike,
+        for another of swap_names (default: the memory's), so the LM learns to write the names it is
+        handed over the pair the image shows (counterfactual pairs)."""
         from transformers import Blip2QFormerModel
         prompt = prompt or (PROMPT_WITH_NAMES if names_in_prompt else PROMPT)
         if prompt.count(IMAGE_SLOT) != 1:
@@ -357,8 +357,8 @@ class EVCap(EmbToCaption):
         recipe): each image gets the names its own captions say (with groups, all its references',
         in order of first mention), each dropped with probability name_mask while training, so the LM
         learns to copy the names it is handed, and not to lean on them alone; at inference the memory
-        retrieves them. With image_noise_std, z is noised too while training; with name_swap, an
-        image's names are swapped for others in its prompt and its captions alike."""
+        retrieves them. With image_noise_std, z is noised too while training; with name_swap, one of
+        an image's names is swapped for another in its prompt and its captions alike."""
         if self.config.get("train_names", "memory") != "caption":
             return self.prefix_embeds(z), captions
         owners = list(range(len(captions))) if groups is None else groups.tolist()
@@ -366,13 +366,13 @@ class EVCap(EmbToCaption):
         for owner, caption in zip(owners, captions):
             rows[owner] += self.caption_names(caption)
         names = [list(dict.fromkeys(row)) for row in rows]
-        swapped = [False] * len(names)
+        swapped = [None] * len(names)
         if self.training and self.config.get("name_swap"):
             names, captions, swapped = self.swap_names(names, captions, owners)
         if self.training and self.config["name_mask"]:
-            # a swapped name stays: the image cannot say it in its place
+            # a swapped-in name stays: the image cannot say it in its place
             keep = iter((torch.rand(sum(map(len, names))) >= self.config["name_mask"]).tolist())
-            names = [[n for n in row if next(keep) or swap] for row, swap in zip(names, swapped)]
+            names = [[n for n in row if next(keep) or n == new] for row, new in zip(names, swapped)]
         if self.training and self.config.get("image_noise_std"):
             # ViECap's decoder reads a noised embedding (CapDec's) beside its hard prompt: with the
             # image made unsure, the names are the evidence to copy, also a pair no caption held.
@@ -380,24 +380,24 @@ class EVCap(EmbToCaption):
         return self.prefix_embeds(z, names), captions
 
     def swap_names(self, names, captions, owners):
-        """Counterfactual pairs: with probability name_swap, each name of an image is replaced by a
-        different one of swap_names (none of its others), in its names and every caption of it, so
-        that the image no longer says what the caption writes and only the prompt does; an LM
-        trained so copies the names it is handed, a pair no caption held among them. -> (names,
-        captions, swapped per image). torch's RNG draws, so a resumed run draws the same."""
+        """Counterfactual pairs: with probability name_swap, one name of an image (drawn at random)
+        is replaced by a different one of swap_names (none of its others), in its names and every
+        caption of it, so that the image no longer says what the caption writes there and only the
+        prompt does; an LM trained so copies the names it is handed, a pair no caption held among
+        them, and reads the objects it is not handed from the image (its other names stay, and may
+        be masked). -> (names, captions, the swapped-in name per image or None). torch's RNG draws,
+        so a resumed run draws the same."""
         vocab = self.config["swap_names"]
         swap = (torch.rand(len(names)) < self.config["name_swap"]).tolist()
-        maps = []
+        maps, swapped = [], []
         for k, row in enumerate(names):
             pool = [n for n in vocab if n not in row] if swap[k] and row else []
-            mapping = {}
-            for name in row if pool else ():
-                mapping[name] = pool.pop(int(torch.randint(len(pool), ())))
-                if not pool:
-                    break
-            swap[k] = bool(mapping)
-            maps.append(mapping)
-            names[k] = [mapping.get(n, n) for n in row]
+            if pool:
+                old = row[int(torch.randint(len(row), ()))]
+                new = pool[int(torch.randint(len(pool), ()))]
+                names[k] = [new if n == old else n for n in row]
+            maps.append({old: new} if pool else {})
+            swapped.append(new if pool else None)
 
         def rewrite(mapping, caption):
             def one(m):
@@ -406,4 +406,4 @@ class EVCap(EmbToCaption):
             return self.name_pattern.sub(one, caption)
 
         captions = [rewrite(maps[o], c) if maps[o] else c for o, c in zip(owners, captions)]
-        return names, captions, swap
+        return names, captions, swapped

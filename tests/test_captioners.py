@@ -493,9 +493,9 @@ def test_evcap_image_noise_is_for_training_only(evcap_caption_names, monkeypatch
 
 
 def test_evcap_name_swap_rewrites_prompt_and_captions_alike(evcap_caption_names, monkeypatch):
-    """name_swap (counterfactual pairs): in training mode an image's names are replaced by other names
-    of swap_names, all different, in the names it is handed and in every caption of it (plurals and
-    the rest of the caption kept); in eval mode nothing is swapped; a swap with one name is refused."""
+    """name_swap (counterfactual pairs): in training mode one of an image's names is replaced by another
+    name of swap_names, in the names it is handed and in every caption of it (plurals and the rest of
+    the caption kept); in eval mode nothing is swapped; a swap with one name is refused."""
     from models.evcap import EVCap, names_said
     captioner, z, _, _ = evcap_caption_names
     handed, scored = [], []
@@ -510,9 +510,19 @@ def test_evcap_name_swap_rewrites_prompt_and_captions_alike(evcap_caption_names,
     for _ in range(10):
         captioner.token_nll(z[:2], captions, torch.tensor([0, 0, 1]))
         (first, second), (red,) = handed[-1]
-        assert {first, second}.isdisjoint({"green triangle", "blue square"}) and first != second
-        assert red != "red circle"
-        assert scored[-1] == [f"Two {first}s right of a {second}", f"a {first} by a {second}", f"a {red}"]
+        # one of the image's names swapped, for a name it does not hold; the other one stays
+        assert (first == "green triangle") != (second == "blue square")
+        assert {first, second} - {"green triangle", "blue square"} and red != "red circle"
+        two = "Two Green Triangles" if first == "green triangle" else f"Two {first}s"
+        assert scored[-1] == [f"{two} right of a {second}", f"a {first} by a {second}", f"a {red}"]
+    # with masking, the swapped-in name is never dropped (the image cannot say it), the other may be
+    monkeypatch.setitem(captioner.config, "name_mask", 0.5)
+    rows = []
+    for _ in range(20):
+        captioner.token_nll(z[:1], captions[1:2])
+        rows.append(handed[-1][0])
+        assert len(set(rows[-1]) - {"green triangle", "blue square"}) == 1
+    assert {len(row) for row in rows} == {1, 2}
     captioner.eval()
     captioner.token_nll(z[:2], captions, torch.tensor([0, 0, 1]))
     assert handed[-1] == [["green triangle", "blue square"], ["red circle"]] and scored[-1] == captions
