@@ -22,7 +22,7 @@ import torch
 import common
 import errors
 from data.coco import CocoImageCaptionDataset, image_transform, load_rgb
-from data.toy_world import folder_of, name_of
+from data.toy_world import folder_of, name_of, val_world
 
 ROWS = {
     "prefix": "prefix (psi(z) -> toy LM)",
@@ -40,7 +40,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default="checkpoints/toy", help="the toy pipeline's OUT (stage1, data, captioners/)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
-    p.add_argument("--num_samples", type=int, default=200, help="val images")
+    p.add_argument("--num_samples", type=int, default=None, help="the first N val images (default: all)")
+    p.add_argument("--val_world", type=int, default=None,
+                   help="N: read a fresh toy val split of N images (generated once into RUN/val_world_N, "
+                        "another seed than the run's data) instead of RUN/data's 200: held-out cells finer than 1/69")
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--num_beams", type=int, default=3)
     p.add_argument("--true_names", action="store_true",
@@ -75,7 +78,8 @@ def main(argv=None):
     for k, folder in folders.items():
         if not os.path.isdir(folder):
             common.die(f"no captioner at {folder}; run scripts/captioners.sh first (OUT={args.run})")
-    dataset = CocoImageCaptionDataset(os.path.join(args.run, "data"), split="val", image_size=32)
+    data = os.path.join(args.run, "data") if args.val_world is None else val_world(args.run, args.val_world)
+    dataset = CocoImageCaptionDataset(data, split="val", image_size=32)
     ids = dataset.image_ids[:args.num_samples]
     refs = {i: dataset.captions_by_image[i] for i in ids}
     results = []

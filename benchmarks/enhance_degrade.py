@@ -24,7 +24,6 @@ from data.degrade import DEGRADATIONS, degrade
 from data import toy_world
 from data.toy_world import attribute_scores, grouped_accuracy, parse_caption
 
-VAL_WORLD_SEED = 1  # the pipeline's world is seed 0
 
 
 def parse_args(argv=None):
@@ -51,12 +50,7 @@ def seen_all_right(captions, infos):
 
 def val_data(args):
     """The data folder whose val split the table reads (--val_world: generated on first use)."""
-    if args.val_world is None:
-        return os.path.join(args.run, "data")
-    path = os.path.join(args.run, f"val_world_{args.val_world}")
-    if not os.path.isfile(os.path.join(path, "annotations", "captions_val2017.json")):
-        toy_world.generate(path, num_train=0, num_val=args.val_world, seed=VAL_WORLD_SEED)
-    return path
+    return os.path.join(args.run, "data") if args.val_world is None else toy_world.val_world(args.run, args.val_world)
 
 
 def main(argv=None):

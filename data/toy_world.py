@@ -353,6 +353,18 @@ def _split(out_dir, split, n, seed, id_offset, heldout_fraction):
     return path
 
 
+VAL_WORLD_SEED = 1  # the pipeline's world is seed 0
+
+
+def val_world(run, num_val):
+    """RUN/val_world_N: a fresh toy val split of num_val images (another seed than the run's data),
+    generated on first use, for benchmark cells finer than the 200 val images' 1/131."""
+    path = os.path.join(run, f"val_world_{num_val}")
+    if not os.path.isfile(os.path.join(path, "annotations", "captions_val2017.json")):
+        generate(path, num_train=0, num_val=num_val, seed=VAL_WORLD_SEED)
+    return path
+
+
 def generate(out_dir, num_train, num_val, seed=0):
     """Write the toy world in the COCO 2017 layout; same arguments -> same bytes."""
     if not 0 <= num_train < VAL_ID_OFFSET or num_val < 0:

@@ -381,6 +381,10 @@ def test_captioner_benchmark_table(world, runs, tmp_path, capsys):
                                "--true_names", "--memory_topn", "1"])
     assert [r["key"] for r in results] == ["evcap", "evcap+true"]
     assert "EVCap, memory on, true names" in capsys.readouterr().out
+    # --val_world: a fresh val split of N images, generated into the run once
+    captioners.main(["--run", str(run), "--rows", "prefix", "--val_world", "8", "--batch_size", "4"])
+    assert os.path.isfile(run / "val_world_8" / "annotations" / "captions_val2017.json")
+    assert "8 toy val images" in capsys.readouterr().out
     with pytest.raises(BadInput, match="no captioner at"):
         captioners.main(["--run", str(run), "--rows", "blip_random"])
 
