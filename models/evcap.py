@@ -400,9 +400,9 @@ class EVCap(EmbToCaption):
             swapped.append(new if pool else None)
 
         def rewrite(mapping, caption):
-            def one(m):
-                new = mapping.get(self.name_of[m.group(1).lower()])
-                return m.group(0) if new is None else new + m.group(0)[len(m.group(1)):]
+            def one(m):  # the name, and its plural ending if any
+                to = mapping.get(self.name_of[m.group(1).lower()])
+                return m.group(0) if to is None else to + m.group(0)[len(m.group(1)):]
             return self.name_pattern.sub(one, caption)
 
         captions = [rewrite(maps[o], c) if maps[o] else c for o, c in zip(owners, captions)]
