@@ -83,18 +83,28 @@ class NameMemory(nn.Module):
         self.info = info or {}  # what build_memory.py recorded: space, stage-1 checkpoint and fingerprint
         if backend not in ("torch", "faiss"):
             raise BadInput(f"memory backend {backend!r}: use 'torch' or 'faiss'")
-        keys = torch.zeros(0, 1) if keys is None else F.normalize(keys.float(), dim=-1)
-        self.register_buffer("keys", keys, persistent=False)  # the memory file holds them
         self.names, self.topn, self.search_k, self.backend = list(names), topn, search_k, backend
+        self.register_buffer("keys", torch.zeros(0, 1), persistent=False)  # the memory file holds them
         self._index = None
-        if backend == "faiss" and len(self.names):
+        if keys is not None:
+            self.set_keys(keys)
+
+    def set_keys(self, keys):
+        """keys [M,D], one per memory entry (names[i] names keys[i]): those of the memory file, or (train_stage2.py
+        re-keys the memory of a captioner that fine-tunes its encoder) of the same images by the fine-tuned encoder."""
+        if keys.dim() != 2 or keys.shape[0] != len(self.names):
+            raise BadInput(f"{tuple(keys.shape)} memory keys for {len(self.names)} memory entries: "
+                           "give one key per entry")
+        self.keys = F.normalize(keys.float(), dim=-1).to(self.keys.device)
+        self._index = None
+        if self.backend == "faiss" and len(self.names):
             try:
                 import faiss
             except ImportError:
                 raise BadInput("memory backend faiss: faiss is not installed; `pip install faiss-cpu`, or use "
                                "the torch backend (the default)") from None
-            self._index = faiss.IndexFlatIP(keys.shape[1])  # inner product of unit vectors = cosine
-            self._index.add(keys.numpy())
+            self._index = faiss.IndexFlatIP(self.keys.shape[1])  # inner product of unit vectors = cosine
+            self._index.add(self.keys.cpu().numpy())
 
     def __len__(self):
         return len(self.names)

@@ -52,32 +52,48 @@ def name_folders(images_dir):
 
 
 @torch.no_grad()
-def main(argv=None):
-    from safetensors.torch import save_file
+def memory_keys(encoder, sd, images_dir, space, transform, batch_size=64, device="cpu", desc="memory keys"):
+    """-> (keys [M,D] float32 on the CPU, names [M], images skipped): one key per readable image of
+    images_dir's name folders, by encoder (in eval mode here, put back as it was) in space ("cond" or "z").
+    Also what train_stage2.py re-keys an EVCap memory with when it fine-tunes the encoder."""
     from tqdm.auto import tqdm
 
-    from data.coco import image_transform, read_pixels
-    from models.evcap import memory_key, memory_paths
+    from data.coco import read_pixels
+    from models.evcap import memory_key
+    items = [(name, f) for name, files in name_folders(images_dir) for f in files]
+    keys, names, skipped = [], [], 0
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        for s in tqdm(range(0, len(items), batch_size), desc=desc):
+            batch = [(name, read_pixels(f, transform)) for name, f in items[s:s + batch_size]]
+            skipped += sum(x is None for _, x in batch)
+            batch = [(name, x) for name, x in batch if x is not None]
+            if not batch:
+                continue
+            z = encoder(torch.stack([x for _, x in batch]).to(device))
+            keys.append(memory_key(sd.condition(z) if space == "cond" else z).cpu())
+            names += [name for name, _ in batch]
+    finally:
+        encoder.train(was_training)
+    if not names:
+        common.die(f"--images_dir {images_dir}: none of its {len(items)} images could be read")
+    return torch.cat(keys).contiguous(), names, skipped
+
+
+@torch.no_grad()
+def main(argv=None):
+    from safetensors.torch import save_file
+
+    from data.coco import image_transform
+    from models.evcap import memory_paths
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = common.resolve_checkpoint(args.stage1_ckpt, "vision_encoder")
     encoder, sd, config, stage1_fingerprint = common.load_stage1(path, device)
     encoder.eval()
     transform = image_transform(args.image_size or config["image_size"])
-    items = [(name, f) for name, files in name_folders(args.images_dir) for f in files]
-    keys, names, skipped = [], [], 0
-    for s in tqdm(range(0, len(items), args.batch_size), desc="memory keys"):
-        batch = [(name, read_pixels(f, transform)) for name, f in items[s:s + args.batch_size]]
-        skipped += sum(x is None for _, x in batch)
-        batch = [(name, x) for name, x in batch if x is not None]
-        if not batch:
-            continue
-        z = encoder(torch.stack([x for _, x in batch]).to(device))
-        keys.append(memory_key(sd.condition(z) if args.space == "cond" else z).cpu())
-        names += [name for name, _ in batch]
-    if not names:
-        common.die(f"--images_dir {args.images_dir}: none of its {len(items)} images could be read")
-    keys = torch.cat(keys).contiguous()
+    keys, names, skipped = memory_keys(encoder, sd, args.images_dir, args.space, transform, args.batch_size, device)
     keys_path, names_path = memory_paths(args.out)
     os.makedirs(os.path.dirname(os.path.abspath(keys_path)), exist_ok=True)
     info = dict(names=names, space=args.space, stage1_ckpt=os.path.abspath(path), stage1_fingerprint=stage1_fingerprint,
