@@ -852,6 +852,8 @@ def load_vlv(stage1_ckpt, stage2_ckpt=None, device="cpu"):
         # checkpoints from before the captioner family hold a prefix captioner
         captioner = captioner_class(config.get("captioner_kind", "prefix")).from_pretrained(**config["captioner"])
         captioner.load_trainable_state_dict(ckpt["model"]["captioner"])
+        if "memory_keys" in ckpt["model"]:  # EVCap that fine-tuned its encoder: the memory keyed by it
+            captioner.memory.set_keys(ckpt["model"]["memory_keys"])
         vlv = VLV(encoder, sd, captioner, config["prefix_source"], config["image_size"])
         if config.get("text_space"):
             vlv.text_space = dict(config["text_space"], mean=ckpt["model"].get("text_mean"))

@@ -151,8 +151,9 @@ def parse_args(argv=None):
     if args.captioner == "evcap":
         if not args.memory:
             common.die("--captioner evcap needs --memory: a file of scripts/build_memory.py, or 'none' for no names")
-        if args.finetune_encoder or args.reinit_encoder:
-            common.die("--captioner evcap retrieves names by the stage-1 encoder's z, which its memory was built from: "
+        if (args.finetune_encoder or args.reinit_encoder) and (args.train_names != "caption" or args.memory == "none"):
+            common.die("--captioner evcap with --finetune_encoder re-keys its memory by the encoder at each checkpoint, "
+                       "and trains on the names its captions say: add --train_names caption (and a --memory), or "
                        "drop --finetune_encoder and --reinit_encoder (--no-finetune_encoder turns off a preset's)")
         if args.text_only:
             common.die("--captioner evcap keys its memory by images' embeddings; --text_only trains on captions' "
@@ -301,6 +302,39 @@ def text_inputs(args, sd, dataset, stage1_fingerprint, device):
     return centred, space
 
 
+def memory_rekeyer(args, vlv, image_size, device):
+    """EVCap with a fine-tuned encoder: -> rekey(), which keys the memory's images anew by the encoder
+    as it is now, puts the keys in the memory and returns them [M,D] (once per weights); None otherwise.
+    The memory file's keys are stage 1's, and the encoder's z drifts from them as it trains (on the toy
+    world the fine-tuned encoder's nearest key names 0.99 of seen single objects where stage 1's names
+    0.80, docs/measurements.md); training itself never retrieves (--train_names caption)."""
+    memory = getattr(vlv.captioner, "memory", None)
+    if not (args.finetune_encoder and memory is not None and len(memory)):
+        return None
+    from data.coco import image_transform
+    from scripts.build_memory import memory_keys
+    images_dir, transform, cache = memory.info.get("images_dir"), image_transform(image_size), {}
+    if not images_dir or not os.path.isdir(images_dir):
+        common.die(f"--memory {args.memory}: its images ({images_dir}) are gone; --finetune_encoder re-keys the memory "
+                   f"from them: rebuild the memory (scripts/build_memory.py), or drop --finetune_encoder")
+
+    def rekey():
+        weights = common.fingerprint(vlv.encoder.state_dict())
+        if weights not in cache:
+            with torch.random.fork_rng(devices=[]):  # draws nothing, and surely not from the training RNG
+                keys, names, _ = memory_keys(vlv.encoder, vlv.sd, images_dir, args.prefix_source, transform,
+                                             args.batch_size, device, desc="memory keys (fine-tuned encoder)")
+            if names != memory.names:
+                common.die(f"--memory {args.memory}: the images in {images_dir} changed since it was built; rebuild "
+                           f"it (scripts/build_memory.py) and train again")
+            cache.clear()
+            cache[weights] = keys
+        memory.set_keys(cache[weights])
+        return cache[weights]
+    print(f"memory: re-keyed by the fine-tuned encoder at each checkpoint and sample, from {images_dir}", flush=True)
+    return rekey
+
+
 def main(argv=None):
     args = parse_args(argv)
     accelerator, weight_dtype = common.setup_run(args, "vlv_stage2")
@@ -322,6 +356,7 @@ def main(argv=None):
     common.print_main(accelerator, f"captioner {args.captioner}: {trainable:,} trainable parameters of "
                                    f"{sum(p.numel() for p in captioner.parameters()):,}")
     vlv = VLV(encoder, sd, captioner, args.prefix_source, image_size)
+    rekey = memory_rekeyer(args, vlv, image_size, accelerator.device)
 
     repeats = {}
     if args.two_object_repeat > 1:
@@ -350,6 +385,8 @@ def main(argv=None):
         state = {"captioner": captioner.trainable_state_dict()}
         if args.finetune_encoder:
             state["encoder"] = encoder.state_dict()
+        if rekey:  # the memory's keys by this encoder: what inference retrieves with
+            state["memory_keys"] = rekey()
         if text_space and text_space["mean"] is not None:  # what a bridge at inference is checked against
             state["text_mean"] = text_space["mean"]
         return state
@@ -358,6 +395,8 @@ def main(argv=None):
         captioner.load_trainable_state_dict(state["captioner"])
         if "encoder" in state:
             encoder.load_state_dict(state["encoder"])
+        if "memory_keys" in state:
+            captioner.memory.set_keys(state["memory_keys"])
 
     # Everything inference needs to rebuild the model, and which stage-1 weights it was trained on.
     config = dict(captioner_kind=captioner.kind, captioner=captioner.config, prefix_source=args.prefix_source,
@@ -410,6 +449,8 @@ def main(argv=None):
                                      max_new_tokens=args.max_new_tokens)
 
     def validate(step):
+        if rekey:  # the samples retrieve names as inference will
+            rekey()
         with torch.random.fork_rng(devices=[]):  # the noise of text_prefix: not drawn from the training RNG
             captions = sample()
         lines = [f"step {step}:"] + [f"  {c!r}  (ref: {r!r})" for c, r in zip(captions, val_refs)]

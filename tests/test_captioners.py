@@ -315,6 +315,29 @@ def test_name_swap_run_resumed_equals_uninterrupted(world, tmp_path):
     assert common.fingerprint(ckpts[0]["model"]["captioner"]) == common.fingerprint(ckpts[1]["model"]["captioner"])
 
 
+def test_evcap_with_a_finetuned_encoder_rekeys_its_memory(world, tmp_path):
+    """--finetune_encoder: each checkpoint holds the memory's keys by the encoder it saves (its z drifts
+    from stage 1's, which keyed the memory file), and a loaded captioner retrieves with those."""
+    from data.coco import image_transform
+    from models.evcap import load_memory
+    from scripts.build_memory import memory_keys
+    out = str(tmp_path / "evcap_ft")
+    flags = dict(CAPTIONER_FLAGS["evcap_names"], memory=world["memory"], finetune_encoder=True, lr=1e-2,
+                 mixed_precision="no")  # fp32, so that the keys inference recomputes are the saved ones
+    train_stage2.main(stage2_argv(world, out, **flags))
+    ckpt = common.load_checkpoint(common.resolve_checkpoint(out, "captioner"), "stage2")
+    assert {"encoder", "memory_keys"} <= ckpt["model"].keys()
+    vlv = common.load_vlv(world["stage1"], out)
+    keys, names, _ = memory_keys(vlv.encoder, vlv.sd, world["names"], "cond", image_transform(16))
+    assert names == vlv.captioner.memory.names
+    assert torch.allclose(vlv.captioner.memory.keys, torch.nn.functional.normalize(keys, dim=-1), atol=1e-5)
+    stage1_keys = load_memory(world["memory"])[0]
+    assert not torch.allclose(vlv.captioner.memory.keys, stage1_keys, atol=1e-3)  # the encoder moved
+    with pytest.raises(BadInput, match="add --train_names caption"):
+        train_stage2.main(stage2_argv(world, str(tmp_path / "x"), captioner="evcap", memory=world["memory"],
+                                      finetune_encoder=True))
+
+
 def test_a_checkpoint_of_one_captioner_resumed_as_another_is_one_line(world, runs, tmp_path):
     with pytest.raises(BadInput, match=r"other settings \(.*--captioner evcap"):
         train_stage2.main(stage2_argv(world, runs["evcap"], captioner="prefix", resume_from="latest", max_steps=3))
