@@ -338,6 +338,23 @@ def test_evcap_with_a_finetuned_encoder_rekeys_its_memory(world, tmp_path):
                                       finetune_encoder=True))
 
 
+def test_memory_retrieval_benchmark_scores_each_key_space(world, tmp_path, capsys):
+    """One row per encoder that keys the memory (stage 1's, then each fine-tuned one), every cell an
+    accuracy of retrieval on a fresh val split; a run without memory images is one line."""
+    from benchmarks import memory_retrieval
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(world["stage1"], run / "stage1")
+    os.symlink(world["names"], run / "memory_images")
+    table = memory_retrieval.main(argv_of(run=str(run), stage2_ckpt=f"tuned={world['stage2']}", val_world=12))
+    assert [row[0] for row in table] == ["stage 1 (the memory file's keys)", "tuned (fine-tuned encoder)"]
+    cells = [float(c) for row in table for c in row[1:] if c != "nan"]
+    assert len(table[0]) == 9 and cells and all(0 <= c <= 1 for c in cells)
+    assert "| keys and queries by | pooled: 1 object seen" in capsys.readouterr().out
+    with pytest.raises(BadInput, match="memory_images does not exist"):
+        memory_retrieval.main(argv_of(run=str(tmp_path)))
+
+
 def test_a_checkpoint_of_one_captioner_resumed_as_another_is_one_line(world, runs, tmp_path):
     with pytest.raises(BadInput, match=r"other settings \(.*--captioner evcap"):
         train_stage2.main(stage2_argv(world, runs["evcap"], captioner="prefix", resume_from="latest", max_steps=3))

@@ -1,0 +1,102 @@
+"""Toy world: how often does EVCap's visual-name memory hand an image its right names? By key space.
+
+The memory (scripts/build_memory.py) keys each rendered image of a (colour, shape) name by an
+encoder; an image's names are those of its nearest keys. This benchmark keys the same memory
+images by stage 1's encoder (what the memory file holds) and by each fine-tuned stage-2 encoder
+given (what train_stage2.py --captioner evcap --finetune_encoder re-keys the memory with), and
+scores retrieval on a fresh toy val split: the nearest name of one-object scenes, and both names
+of two-object scenes among the two nearest, with the query pooled over z's tokens (the memory's
+key, EVCap's retrieval here) or searched token by token (EVCap searches each of its 32 query outputs).
+
+    python -m benchmarks.memory_retrieval --run checkpoints/toy --stage2_ckpt evcap_ft=checkpoints/toy/captioners/evcap_ft
+
+RUN holds stage1/, memory_images/ (python -m data.toy_world --memory_dir) and gets val_world_N.
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+import common
+import errors
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", default="checkpoints/toy", help="the pipeline's folder (stage1/, memory_images/)")
+    p.add_argument("--stage2_ckpt", action="append", default=[],
+                   help="NAME=PATH of a stage-2 run that fine-tuned its encoder: a row keyed by it (repeatable)")
+    p.add_argument("--val_world", type=int, default=1000, help="images of the fresh val split")
+    p.add_argument("--space", default="cond", choices=["cond", "z"], help="the memory's space")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def scores(encoder, sd, images_dir, val_images, truths, heldout, space):
+    """-> {column: accuracy} for one encoder (queries and keys both by it)."""
+    from data.coco import image_transform
+    from models.evcap import memory_key
+    from scripts.build_memory import memory_keys
+    keys, names, _ = memory_keys(encoder, sd, images_dir, space, image_transform(val_images.shape[-1]), desc="keys")
+    keys = F.normalize(keys, dim=-1)
+    vocab = sorted(set(names))
+    owner = torch.tensor([vocab.index(n) for n in names])
+    x = torch.cat([encoder(val_images[s:s + 256]) for s in range(0, len(val_images), 256)])
+    x = (sd.condition(x) if space == "cond" else x).float()                        # [N,L,D]
+    pooled = memory_key(x) @ keys.T                                                 # [N,M]
+    tokens = torch.einsum("nld,md->nlm", F.normalize(x, dim=-1), keys).amax(1)       # [N,M]: best token per key
+
+    def ranked(sims):  # [N,M] -> per image, its names by their best key, most similar first
+        best = torch.full((len(sims), len(vocab)), -2.0).scatter_reduce(1, owner.expand(len(sims), -1), sims, "amax")
+        return [[vocab[j] for j in row] for row in best.argsort(1, descending=True).tolist()]
+
+    out = {}
+    for query, sims in (("pooled", pooled), ("per token", tokens)):
+        names_of = ranked(sims)
+        for count in (1, 2):
+            for held in (False, True):
+                sel = [i for i, t in enumerate(truths) if len(t) == count and heldout[i] == held]
+                right = sum(set(names_of[i][:count]) == truths[i] for i in sel)
+                out[query, count, held] = (right / len(sel) if sel else float("nan"), len(sel))
+    return out
+
+
+def main(argv=None):
+    from data.coco import CocoImageCaptionDataset, image_transform, load_rgb
+    from data.toy_world import folder_of, name_of, val_world
+    args = parse_args(argv)
+    images_dir = os.path.join(args.run, "memory_images")
+    if not os.path.isdir(images_dir):
+        common.die(f"{images_dir} does not exist; write it with `python -m data.toy_world --memory_dir {images_dir} "
+                   f"--memory_per_name 1024` (scripts/captioners.sh does)")
+    rows = [("stage 1 (the memory file's keys)", os.path.join(args.run, "stage1"), None)]
+    for spec in args.stage2_ckpt:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            common.die(f"--stage2_ckpt {spec}: pass NAME=PATH, e.g. evcap_ft=checkpoints/toy/captioners/evcap_ft")
+        rows.append((f"{name} (fine-tuned encoder)", os.path.join(args.run, "stage1"), path))
+    data = CocoImageCaptionDataset(val_world(args.run, args.val_world), split="val", image_size=32)
+    truths = [{name_of(folder_of(o["colour"], o["shape"])) for o in data.images_info[i]["scene"]["objects"]}
+              for i in data.image_ids]
+    heldout = [bool(data.images_info[i].get("heldout")) for i in data.image_ids]
+    table, header = [], None
+    for label, stage1, stage2 in rows:
+        encoder, sd, _, info = common.load_encoder(stage1, stage2)
+        encoder.eval()
+        transform = image_transform(info["stage1_image_size"])
+        images = torch.stack([transform(load_rgb(data.image_path(i))) for i in data.image_ids])
+        result = scores(encoder, sd, images_dir, images, truths, heldout, args.space)
+        header = header or ["keys and queries by"] + [
+            f"{query}: {'1 object' if count == 1 else '2 objects, both'} {'held-out' if held else 'seen'} (n={n})"
+            for (query, count, held), (_, n) in result.items()]
+        table.append([label] + [f"{acc:.3f}" for acc, _ in result.values()])
+    print(common.machine_description())
+    print(f"the memory: {images_dir}; {len(truths)} val images of {os.path.basename(val_world(args.run, args.val_world))}; "
+          f"a scene is right when its nearest name (1 object) or two nearest names (2 objects) are its own")
+    print(common.markdown_table(header, table))
+    return table
+
+
+if __name__ == "__main__":
+    errors.run(main)
