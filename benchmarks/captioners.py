@@ -1,7 +1,8 @@
 """The captioner family side by side on the toy world: the prefix captioner, BLIP from the packaged
 MiniLM and from random init, EVCap with its visual-name memory, with none, and with the retrieved
 names also written into its prompt (--names_in_prompt), trained on the names its captions say
-(--train_names caption, ViECap's recipe), and that with counterfactual pairs (--name_swap), all on the same
+(--train_names caption, ViECap's recipe), that with counterfactual pairs (--name_swap), and that with the
+encoder fine-tuned (--finetune_encoder, the memory re-keyed by it), all on the same
 stage-1 encoder at the same budget (RUN/captioners/<row> from scripts/captioners.sh). Cells: the
 share of seen and held-out val images whose caption gets every attribute right (data/judge), BLEU-4,
 METEOR, CIDEr-D (pycocoevalcap), trainable parameters, the run's training s/step (summary.json) and
@@ -33,6 +34,7 @@ ROWS = {
     "evcap_names": "EVCap, memory on, names in the prompt (ViECap)",
     "evcap_caption": "EVCap, names in the prompt, trained on its captions' names (ViECap)",
     "evcap_swap": "the same with counterfactual pairs (names swapped in prompt and caption)",
+    "evcap_tuned": "the same, encoder fine-tuned (the memory re-keyed by it)",
 }
 
 
