@@ -43,11 +43,11 @@ captioner evcap_caption --captioner evcap --memory "$OUT/memory.safetensors" --n
   --memory_topn 1
 # 3 in 10 images get their names swapped, in prompt and captions, for others of the memory's: the LM learns to write
 # the names it is handed, also a pair no caption of an image holds
-captioner evcap_swap --captioner evcap --memory "$OUT/memory.safetensors" --names_in_prompt --train_names caption \
-  --memory_topn 1 --name_swap 0.3 --swap_from memory
+SWAP=(--captioner evcap --memory "$OUT/memory.safetensors" --names_in_prompt --train_names caption --memory_topn 1
+      --name_swap 0.3 --swap_from memory)
+captioner evcap_swap "${SWAP[@]}"
 # the encoder trains too, as the prefix and BLIP rows' do; each checkpoint re-keys the memory by it
-captioner evcap_tuned --captioner evcap --memory "$OUT/memory.safetensors" --names_in_prompt --train_names caption \
-  --memory_topn 1 --name_swap 0.3 --swap_from memory --finetune_encoder
+captioner evcap_tuned "${SWAP[@]}" --finetune_encoder
 mkdir -p "$OUT/eval"
 # a fresh val split of 1,000 images (300 held-out): a cell moves by 0.3 points an image, not 1.4
 timed "captioner table (benchmarks.captioners)" $PY -m benchmarks.captioners --run "$OUT" --val_world 1000 \
