@@ -48,7 +48,8 @@ def build_parser():
     g.add_argument("--prefix_source", default="cond", choices=["cond", "z"],
                    help="cond: the SD text encoder's output cond(z) (the paper); z: z itself")
     g.add_argument("--finetune_encoder", action=argparse.BooleanOptionalAction, default=False,
-                   help="train the vision encoder too")
+                   help="train the vision encoder too (with --captioner evcap the memory is re-keyed by it; on the "
+                        "toy world that keying fails, 0.21 of single objects named right: docs/measurements.md)")
     g.add_argument("--reinit_encoder", action="store_true",
                    help="baseline without stage 1: the same encoder freshly initialised and trained "
                         "with the captioner (implies --finetune_encoder)")
@@ -305,9 +306,11 @@ def text_inputs(args, sd, dataset, stage1_fingerprint, device):
 def memory_rekeyer(args, vlv, image_size, device):
     """EVCap with a fine-tuned encoder: -> rekey(), which keys the memory's images anew by the encoder
     as it is now, puts the keys in the memory and returns them [M,D] (once per weights); None otherwise.
-    The memory file's keys are stage 1's, and the encoder's z drifts from them as it trains (on the toy
-    world the fine-tuned encoder's nearest key names 0.99 of seen single objects where stage 1's names
-    0.80, docs/measurements.md); training itself never retrieves (--train_names caption)."""
+    The memory file's keys are stage 1's, and the encoder's z drifts from them as it trains; training
+    itself never retrieves (--train_names caption). On the toy world the prefix captioner's fine-tuned
+    encoder keys better than stage 1 (0.99-1.00 of seen single objects named right against 0.80-0.91),
+    but the encoder EVCap fine-tunes does not (0.21): its Q-Former keeps no cosine geometry
+    (docs/measurements.md, 2026-12-06)."""
     memory = getattr(vlv.captioner, "memory", None)
     if not (args.finetune_encoder and memory is not None and len(memory)):
         return None
