@@ -73,6 +73,27 @@ def test_batched_equals_one_at_a_time(overfit):
         assert len(set(batched)) > 2
 
 
+@pytest.mark.parametrize("lm", ["gpt2", "llama_lora"])
+def test_prefix_run_once_per_image_gives_generates_own_beams(lm, gpt2_dir, tmp_path):
+    """generate() runs the prefix once per image and copies its cache to the beams: the same token
+    ids as transformers' generate() running it once per beam (a Llama: rotary positions after a
+    handed-in cache; LoRA: peft's wrapper)."""
+    torch.manual_seed(0)
+    path, lora = (gpt2_dir, False) if lm == "gpt2" else (save_tiny_llama(tmp_path / "llama"), True)
+    captioner = EmbToCaption.from_pretrained(path, prefix_len=L, prefix_dim=D, freeze_lm=lora, lora=lora)
+    train(captioner, torch.randn(len(CAPTIONS), L, D), CAPTIONS, steps=25, lr=5e-3)
+    z = 2 * torch.randn(5, L, D)
+    for num_beams, max_new in ((3, 12), (4, 7)):
+        kwargs = captioner.generation_kwargs(num_beams=num_beams, max_new_tokens=max_new)
+        prefix = captioner.prefix_embeds(z)
+        with torch.no_grad():
+            ids = captioner.lm.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2],
+                                        dtype=torch.long), **kwargs)
+        expected = captioner.decode(ids)
+        assert captioner.generate(z, num_beams=num_beams, max_new_tokens=max_new) == expected
+    assert len(set(expected)) > 1
+
+
 def test_beam_search_reference_matches_generate(overfit):
     captioner, z_train, _ = overfit
     z = torch.cat([z_train[:2], unseen_z(z_train, 4, seed=2)])
