@@ -101,6 +101,10 @@ def build_parser():
                    help="--train_names caption: counterfactual pairs: with this probability one of an image's names "
                         "is swapped for another of --swap_from, in its prompt and its captions alike, so the LM "
                         "learns to write the names it is handed over the pair the image shows")
+    g.add_argument("--shuffle_names", action=argparse.BooleanOptionalAction, default=False,
+                   help="--train_names caption: hand each image its names in a random order while training, not in "
+                        "its captions' order: at inference the memory's order says nothing of the caption's, so "
+                        "the LM has to choose which object to write first from the image")
     g.add_argument("--swap_from", default="seen", choices=["seen", "memory"],
                    help="--name_swap's names: seen: those the training captions say (no other pair enters the "
                         "text); memory: all of the memory's, a pair no caption holds among them (text-only "
@@ -177,7 +181,7 @@ def parse_args(argv=None):
     if args.train_names == "caption" and args.memory == "none":
         common.die("--train_names caption takes the names from the memory's vocabulary; --memory none has none: "
                    "pass a memory or --train_names memory")
-    for flag in ("image_noise_std", "name_swap"):
+    for flag in ("image_noise_std", "name_swap", "shuffle_names"):
         if getattr(args, flag) and args.train_names != "caption":
             common.die(f"--{flag} acts on the names the captions say: add --train_names caption")
     if args.train_names != "caption":
@@ -246,7 +250,7 @@ def _build_captioner(args, sd, stage1_fingerprint, dataset):
             memory_backend=args.memory_backend, freeze_qformer=not args.finetune_qformer,
             freeze_lm=not args.finetune_lm, names_in_prompt=args.names_in_prompt, name_tokens=args.name_tokens,
             train_names=args.train_names, name_mask=args.name_mask, image_noise_std=args.image_noise_std,
-            name_swap=args.name_swap, swap_names=swap_names, **prompt)
+            name_swap=args.name_swap, swap_names=swap_names, shuffle_names=args.shuffle_names, **prompt)
         if memory:
             info = captioner.memory.info
             if info.get("stage1_fingerprint") != stage1_fingerprint or info.get("space") != args.prefix_source:

@@ -41,7 +41,10 @@ ROWS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default="checkpoints/toy", help="the toy pipeline's OUT (stage1, data, captioners/)")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=None, help=f"comma-separated, of {', '.join(ROWS)} (default: all, or none "
+                                                "when --row is given)")
+    p.add_argument("--row", action="append", default=[], metavar="LABEL=FOLDER",
+                   help="also read the stage-2 run in FOLDER (any captioner on RUN's stage 1), labelled LABEL")
     p.add_argument("--num_samples", type=int, default=None, help="the first N val images (default: all)")
     p.add_argument("--val_world", type=int, default=None,
                    help="N: read a fresh toy val split of N images (generated once into RUN/val_world_N, "
@@ -53,6 +56,8 @@ def parse_args(argv=None):
                         "(the toy scene's): what a perfect memory would give")
     p.add_argument("--memory_topn", type=int, default=None, help="EVCap rows: retrieve this many names, not the "
                                                                  "number each was trained with")
+    p.add_argument("--attributes", action="store_true",
+                   help="also print each row's attributes right, by group (seen by number of objects, held-out)")
     return p.parse_args(argv)
 
 
@@ -72,11 +77,18 @@ def trainable_parameters(vlv, config):
 def main(argv=None):
     from eval_captioning import attribute_accuracy, score_captions
     args = parse_args(argv)
-    keys = args.rows.split(",")
+    keys = (args.rows or ("" if args.row else ",".join(ROWS))).split(",")
+    keys = [k for k in keys if k]
     unknown = set(keys) - set(ROWS)
     if unknown:
         common.die(f"--rows {','.join(sorted(unknown))}: unknown; the rows are {', '.join(ROWS)}")
     folders = {k: os.path.join(args.run, "captioners", k) for k in keys}
+    labels = dict(ROWS)
+    for row in args.row:
+        label, sep, folder = row.partition("=")
+        if not (sep and label and folder) or label in folders or label in ROWS:
+            common.die(f"--row {row!r}: pass LABEL=FOLDER, with a label no other row has ({', '.join(ROWS)} are taken)")
+        folders[label], labels[label] = folder, label
     for k, folder in folders.items():
         if not os.path.isdir(folder):
             common.die(f"no captioner at {folder}; run scripts/captioners.sh first (OUT={args.run})")
@@ -85,7 +97,7 @@ def main(argv=None):
     ids = dataset.image_ids[:args.num_samples]
     refs = {i: dataset.captions_by_image[i] for i in ids}
     results = []
-    for key in keys:
+    for key in folders:
         vlv = common.load_vlv(os.path.join(args.run, "stage1"), folders[key])
         config = common.load_checkpoint(common.resolve_checkpoint(folders[key], "captioner"), "stage2")["config"]
         transform = image_transform(vlv.image_size)
@@ -93,11 +105,11 @@ def main(argv=None):
         evcap = vlv.captioner.kind == "evcap"
         if evcap and args.memory_topn:
             vlv.captioner.memory.topn = args.memory_topn
-        readings = [(key, ROWS[key], None)]
+        readings = [(key, labels[key], None)]
         if evcap and args.true_names:
             true_names = {i: list(dict.fromkeys(name_of(folder_of(o["colour"], o["shape"]))
                                                 for o in dataset.images_info[i]["scene"]["objects"])) for i in ids}
-            readings.append((key + "+true", ROWS[key] + ", true names", true_names))
+            readings.append((key + "+true", labels[key] + ", true names", true_names))
         for name, label, names in readings:
             preds, seconds = {}, 0.0
             with torch.no_grad():
@@ -118,7 +130,7 @@ def main(argv=None):
                           heldout=groups.get("heldout", {}).get("all", {}).get("accuracy", float("nan")),
                           bleu4=scores["BLEU-4"], meteor=scores["METEOR"], cider=scores["CIDEr-D"],
                           params=trainable_parameters(vlv, config), step=seconds_per_step(folders[key]),
-                          per_second=len(ids) / seconds)
+                          per_second=len(ids) / seconds, groups=groups)
             results.append(result)
             print(f"{label}: seen {result['seen']:.3f}, held-out {result['heldout']:.3f}, "
                   f"CIDEr-D {result['cider']:.3f}", file=sys.stderr, flush=True)
@@ -131,6 +143,9 @@ def main(argv=None):
          "training s/step", "captions/s"],
         [[r["label"], f"{r['seen']:.3f}", f"{r['heldout']:.3f}", f"{r['bleu4']:.3f}", f"{r['meteor']:.3f}",
           f"{r['cider']:.3f}", f"{r['params']:,}", f"{r['step']:.2f}", f"{r['per_second']:.1f}"] for r in results]))
+    if args.attributes:
+        for r in results:
+            print(f"\n{r['label']}:\n\n" + common.accuracy_table(r["groups"], "attribute (from the caption)"))
     by = {r["key"]: r for r in results}
     lines = []
     if {"blip", "blip_random"} <= by.keys():

@@ -189,7 +189,8 @@ class EVCap(EmbToCaption):
                         qformer_layers=12, qformer_heads=12, num_query_tokens=32, num_name_queries=8, topn=10,
                         search_k=32, memory_backend="torch", freeze_qformer=True, freeze_lm=True, prompt=None,
                         names_in_prompt=False, name_tokens=32, train_names="memory", name_mask=0.4,
-                        image_noise_std=0.0, name_swap=0.0, swap_names=None, memory_fingerprint=None,
+                        image_noise_std=0.0, name_swap=0.0, swap_names=None, shuffle_names=False,
+                        memory_fingerprint=None,
                         dtype=torch.float32) -> "EVCap":
         """llm: a causal LM (hub id or folder). memory: a build_memory.py file or None (no names);
         memory_fingerprint, when given, must be its fingerprint (a checkpoint's config records it).
@@ -201,7 +202,9 @@ class EVCap(EmbToCaption):
         image_noise_std: and z noised by that multiple of its RMS element while training. name_swap:
         the probability that one of an image's names is swapped, in its prompt and its captions alike,
         for another of swap_names (default: the memory's), so the LM learns to write the names it is
-        handed over the pair the image shows (counterfactual pairs)."""
+        handed over the pair the image shows (counterfactual pairs). shuffle_names: each image's names
+        in a random order while training, not its captions' (at inference the memory's order says
+        nothing of the caption's)."""
         from transformers import Blip2QFormerModel
         prompt = prompt or (PROMPT_WITH_NAMES if names_in_prompt else PROMPT)
         if prompt.count(IMAGE_SLOT) != 1:
@@ -216,7 +219,8 @@ class EVCap(EmbToCaption):
             raise BadInput(f"train_names {train_names!r}: use 'memory' (the retrieved names) or 'caption'")
         if train_names == "caption" and not 0 <= name_mask < 1:
             raise BadInput(f"name_mask {name_mask}: a probability in [0, 1)")
-        for flag, value in (("image_noise_std", image_noise_std), ("name_swap", name_swap)):
+        for flag, value in (("image_noise_std", image_noise_std), ("name_swap", name_swap),
+                            ("shuffle_names", shuffle_names)):
             if value and train_names != "caption":
                 raise BadInput(f"{flag} acts on the names the captions say: set train_names='caption'")
         if not 0 <= name_swap < 1:
@@ -258,7 +262,7 @@ class EVCap(EmbToCaption):
                       search_k=search_k, memory_backend=memory_backend, freeze_qformer=freeze_qformer,
                       freeze_lm=freeze_lm, prompt=prompt, names_in_prompt=names_in_prompt, name_tokens=name_tokens,
                       train_names=train_names, name_mask=name_mask if train_names == "caption" else None,
-                      image_noise_std=image_noise_std, name_swap=name_swap,
+                      image_noise_std=image_noise_std, name_swap=name_swap, shuffle_names=shuffle_names,
                       swap_names=sorted(set(swap_names if swap_names is not None else names)) if name_swap else None)
         if name_swap and len(config["swap_names"]) < 2:
             raise BadInput(f"name_swap needs at least 2 names to swap between; it has {config['swap_names']}")
@@ -376,6 +380,10 @@ class EVCap(EmbToCaption):
         for owner, caption in zip(owners, captions):
             rows[owner] += self.caption_names(caption)
         names = [list(dict.fromkeys(row)) for row in rows]
+        if self.training and self.config.get("shuffle_names"):
+            # In their captions' order the names tell the LM which object comes first, and it writes them
+            # so; the memory's order at inference tells nothing, and the relation came out at chance.
+            names = [[row[i] for i in torch.randperm(len(row)).tolist()] for row in names]
         swapped = [None] * len(names)
         if self.training and self.config.get("name_swap"):
             names, captions, swapped = self.swap_names(names, captions, owners)

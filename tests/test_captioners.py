@@ -293,6 +293,8 @@ def test_name_swap_draws_the_names_training_captions_say(world, runs):
     assert config["captioner"]["swap_names"] == sorted(set(load_memory(world["memory"])[1]))
     with pytest.raises(BadInput, match="--name_swap acts on the names the captions say: add --train_names caption"):
         train_stage2.main(stage2_argv(world, out, **dict(flags, train_names="memory")))
+    with pytest.raises(BadInput, match="--shuffle_names acts on the names the captions say: add --train_names caption"):
+        train_stage2.main(stage2_argv(world, out, **dict(flags, train_names="memory", name_swap=0.0, shuffle_names=True)))
 
 
 def test_name_swap_run_resumed_equals_uninterrupted(world, tmp_path):
@@ -418,15 +420,26 @@ def test_captioner_benchmark_table(world, runs, tmp_path, capsys):
     assert all(captioners.ROWS[k] in out for k in rows) and "trainable parameters" in out
     # --true_names: each EVCap row read a second time with the scene's names instead of the memory's
     results = captioners.main(["--run", str(run), "--rows", "evcap", "--num_samples", "6", "--batch_size", "4",
-                               "--true_names", "--memory_topn", "1"])
+                               "--true_names", "--memory_topn", "1", "--attributes"])
     assert [r["key"] for r in results] == ["evcap", "evcap+true"]
-    assert "EVCap, memory on, true names" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "EVCap, memory on, true names" in out
+    # --attributes: one table a reading, its "all" row the table's seen all-right
+    all_rows = [line for line in out.splitlines() if line.startswith("| all |")]
+    assert out.count("| attribute (from the caption) |") == len(all_rows) == 2
+    assert [row.split("|")[2].split()[0] for row in all_rows] == [f"{r['seen']:.3f}" for r in results]
     # --val_world: a fresh val split of N images, generated into the run once
     captioners.main(["--run", str(run), "--rows", "prefix", "--val_world", "8", "--batch_size", "4"])
     assert os.path.isfile(run / "val_world_8" / "annotations" / "captions_val2017.json")
     assert "8 toy val images" in capsys.readouterr().out
     with pytest.raises(BadInput, match="no captioner at"):
         captioners.main(["--run", str(run), "--rows", "blip_random"])
+    # --row LABEL=FOLDER: any stage-2 run on the run's stage 1, alone when --rows is not given
+    results = captioners.main(["--run", str(run), "--row", f"mine={runs['evcap']}", "--num_samples", "6",
+                               "--batch_size", "4"])
+    assert [r["key"] for r in results] == ["mine"] and "| mine |" in capsys.readouterr().out
+    with pytest.raises(BadInput, match="--row 'evcap=x': pass LABEL=FOLDER, with a label no other row has"):
+        captioners.main(["--run", str(run), "--row", "evcap=x"])
 
 
 def test_evcap_prompt_wrap_and_bad_settings(evcap):
@@ -575,6 +588,36 @@ def test_evcap_name_swap_rewrites_prompt_and_captions_alike(evcap_caption_names,
     with pytest.raises(BadInput, match=r"name_swap needs at least 2 names to swap between; it has \['red circle'\]"):
         EVCap.from_pretrained(captioner.config["llm"], prefix_len=4, prefix_dim=8, qformer_hidden=16, qformer_layers=2,
                               qformer_heads=2, train_names="caption", name_swap=0.5, swap_names=["red circle"])
+
+
+def test_evcap_shuffle_names_hands_them_in_both_orders_while_training(evcap_caption_names, monkeypatch):
+    """shuffle_names: in training mode an image's names come in a random order (both orders of two
+    names turn up), the captions untouched; in eval mode in their captions' order; without
+    train_names="caption" it is refused."""
+    from models.evcap import EVCap
+    captioner, z, _, _ = evcap_caption_names
+    handed, scored = [], []
+    wrapped, tokenize = captioner.prefix_embeds, captioner.tokenize
+    monkeypatch.setattr(captioner, "prefix_embeds", lambda x, names=None: handed.append(names) or wrapped(x, names))
+    monkeypatch.setattr(captioner, "tokenize", lambda captions: scored.append(captions) or tokenize(captions))
+    monkeypatch.setitem(captioner.config, "shuffle_names", True)
+    captions = ["a green triangle left of a blue square", "a red circle"]
+    captioner.train()
+    torch.manual_seed(0)
+    orders = set()
+    for _ in range(12):
+        captioner.token_nll(z[:2], captions)
+        first, second = handed[-1]
+        orders.add(tuple(first))
+        assert sorted(first) == ["blue square", "green triangle"] and second == ["red circle"]
+        assert scored[-1] == captions
+    assert orders == {("green triangle", "blue square"), ("blue square", "green triangle")}
+    captioner.eval()
+    captioner.token_nll(z[:2], captions)
+    assert handed[-1] == [["green triangle", "blue square"], ["red circle"]]
+    with pytest.raises(BadInput, match="shuffle_names acts on the names the captions say"):
+        EVCap.from_pretrained(captioner.config["llm"], prefix_len=4, prefix_dim=8, qformer_hidden=16,
+                              qformer_layers=2, qformer_heads=2, shuffle_names=True)
 
 
 @needs_minilm
