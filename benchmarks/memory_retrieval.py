@@ -7,8 +7,12 @@ given (what train_stage2.py --captioner evcap --finetune_encoder re-keys the mem
 scores retrieval on a fresh toy val split: the nearest name of one-object scenes, and both names
 of two-object scenes among the two nearest, with the query pooled over z's tokens (the memory's
 key, EVCap's retrieval here) or searched token by token (EVCap searches each of its 32 query outputs).
+With --pair_images N a last row keys stage 1's memory plus N two-object images of every pair of names
+(data.toy_world.pair_scenes, both names on each key) and reads the names of the nearest key: the count
+of names then comes from the memory, not from the scene.
 
     python -m benchmarks.memory_retrieval --run checkpoints/toy --stage2_ckpt evcap_ft=checkpoints/toy/captioners/evcap_ft
+    python -m benchmarks.memory_retrieval --run checkpoints/toy --pair_images 64
 
 RUN holds stage1/, memory_images/ (python -m data.toy_world --memory_dir) and gets val_world_N.
 """
@@ -29,6 +33,8 @@ def parse_args(argv=None):
                    help="NAME=PATH of a stage-2 run that fine-tuned its encoder: a row keyed by it (repeatable)")
     p.add_argument("--val_world", type=int, default=1000, help="images of the fresh val split")
     p.add_argument("--space", default="cond", choices=["cond", "z"], help="the memory's space")
+    p.add_argument("--pair_images", type=int, default=0,
+                   help="N: add a row whose memory also holds N two-object images of every pair of names")
     return p.parse_args(argv)
 
 
@@ -62,6 +68,35 @@ def scores(encoder, sd, images_dir, val_images, truths, heldout, space):
     return out
 
 
+@torch.no_grad()
+def pair_memory_scores(encoder, sd, images_dir, per_pair, val_images, truths, heldout, space):
+    """-> {column: accuracy}: stage 1's memory plus per_pair two-object images of every pair of
+    names, each keyed with both its names; a scene gets the names of its nearest key (pooled)."""
+    from data.coco import image_transform
+    from data.toy_world import pair_scenes
+    from models.evcap import memory_key
+    from scripts.build_memory import memory_keys
+    transform = image_transform(val_images.shape[-1])
+    keys, names, _ = memory_keys(encoder, sd, images_dir, space, transform, desc="keys")
+    owners = [frozenset([n]) for n in names]
+    pairs = list(pair_scenes(per_pair))
+
+    def key_of(images):  # [N,3,S,S] -> [N,D] in the memory's space
+        x = encoder(images)
+        return memory_key(sd.condition(x) if space == "cond" else x)
+    keys = torch.cat([F.normalize(keys, dim=-1)] + [key_of(torch.stack([transform(im) for _, im in pairs[s:s + 256]]))
+                                                     for s in range(0, len(pairs), 256)])
+    owners += [frozenset(n) for n, _ in pairs]
+    queries = torch.cat([key_of(val_images[s:s + 256]) for s in range(0, len(val_images), 256)])
+    nearest = [owners[j] for j in (queries @ keys.T).argmax(1).tolist()]
+    out = {}
+    for count in (1, 2):
+        for held in (False, True):
+            sel = [i for i, t in enumerate(truths) if len(t) == count and heldout[i] == held]
+            out[count, held] = sum(nearest[i] == truths[i] for i in sel) / len(sel) if sel else float("nan")
+    return out
+
+
 def main(argv=None):
     from data.coco import CocoImageCaptionDataset, image_transform, load_rgb
     from data.toy_world import folder_of, name_of, val_world
@@ -91,9 +126,18 @@ def main(argv=None):
             f"{query}: {'1 object' if count == 1 else '2 objects, both'} {'held-out' if held else 'seen'} (n={n})"
             for (query, count, held), (_, n) in result.items()]
         table.append([label] + [f"{acc:.3f}" for acc, _ in result.values()])
+    if args.pair_images:
+        encoder, sd, _, info = common.load_encoder(os.path.join(args.run, "stage1"))
+        encoder.eval()
+        result = pair_memory_scores(encoder, sd, images_dir, args.pair_images, images, truths, heldout, args.space)
+        # pooled columns only, and the count is the nearest key's
+        table.append([f"stage 1, the memory + {args.pair_images} two-object images a pair (the nearest key's names)"]
+                     + [f"{result[count, held]:.3f}" for count in (1, 2) for held in (False, True)] + ["-"] * 4)
     print(common.machine_description())
     print(f"the memory: {images_dir}; {len(truths)} val images of {os.path.basename(val_world(args.run, args.val_world))}; "
           f"a scene is right when its nearest name (1 object) or two nearest names (2 objects) are its own")
+    if args.pair_images:
+        print("the last row's scene is right when the names of its nearest key are its own (any number of them)")
     print(common.markdown_table(header, table))
     return table
 

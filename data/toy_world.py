@@ -427,6 +427,22 @@ def write_name_folders(out_dir, per_name=8, seed=0):
     return written
 
 
+def pair_scenes(per_pair, seed=0):
+    """per_pair two-object images of every unordered pair of (colour, shape) names, held-out pairs and
+    a name with itself included, drawn as the data set draws its two-object scenes (sizes, relation
+    and which object comes first at random): what a memory that knows scenes of two objects would
+    hold. Yields (the names in the image, sorted, as a tuple; 32x32 RGB PIL image)."""
+    names = [(c, s) for c in COLOURS for s in SHAPES]
+    rng = np.random.default_rng([seed, 3])  # streams 0-2: the splits and the name folders
+    for i, a in enumerate(names):
+        for b in names[i:]:
+            for _ in range(per_pair):
+                first, second = (a, b) if rng.random() < 0.5 else (b, a)
+                objects = [{"colour": c, "shape": s, "size": SIZES[rng.integers(len(SIZES))]} for c, s in (first, second)]
+                scene = {"objects": objects, "position": None, "relation": RELATIONS[rng.integers(len(RELATIONS))]}
+                yield tuple(sorted({f"{c} {s}" for c, s in (a, b)})), render_scene(scene, rng)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", help="write the data set (COCO 2017 layout) here")

@@ -348,10 +348,13 @@ def test_memory_retrieval_benchmark_scores_each_key_space(world, tmp_path, capsy
     run.mkdir()
     os.symlink(world["stage1"], run / "stage1")
     os.symlink(world["names"], run / "memory_images")
-    table = memory_retrieval.main(argv_of(run=str(run), stage2_ckpt=f"tuned={world['stage2']}", val_world=12))
-    assert [row[0] for row in table] == ["stage 1 (the memory file's keys)", "tuned (fine-tuned encoder)"]
-    cells = [float(c) for row in table for c in row[1:] if c != "nan"]
-    assert len(table[0]) == 9 and cells and all(0 <= c <= 1 for c in cells)
+    table = memory_retrieval.main(argv_of(run=str(run), stage2_ckpt=f"tuned={world['stage2']}", val_world=12,
+                                          pair_images=1))
+    assert [row[0] for row in table] == ["stage 1 (the memory file's keys)", "tuned (fine-tuned encoder)",
+                                         "stage 1, the memory + 1 two-object images a pair (the nearest key's names)"]
+    cells = [float(c) for row in table for c in row[1:] if c not in ("nan", "-")]
+    assert all(len(row) == 9 for row in table) and table[2][5:] == ["-"] * 4
+    assert len(cells) > 8 and all(0 <= c <= 1 for c in cells)
     assert "| keys and queries by | pooled: 1 object seen" in capsys.readouterr().out
     with pytest.raises(BadInput, match="memory_images does not exist"):
         memory_retrieval.main(argv_of(run=str(tmp_path)))

@@ -190,6 +190,23 @@ def test_name_memory_folders(tmp_path):
     assert sizes == {"small", "large"}
 
 
+def test_pair_scenes_draw_every_pair_of_names_as_the_judge_reads_them():
+    from data.judge import judge_image
+
+    scenes = list(tw.pair_scenes(2, seed=0))
+    names = [f"{c} {s}" for c in tw.COLOURS for s in tw.SHAPES]
+    assert len(scenes) == 2 * len(names) * (len(names) + 1) // 2     # every unordered pair, a name with itself too
+    assert {n for n, _ in scenes} == {tuple(sorted({a, b})) for a in names for b in names}
+    for held in tw.HELDOUT:  # held-out names pair up as well
+        assert any(f"{held[0]} {held[1]}" in n and len(n) == 2 for n, _ in scenes)
+    for n, image in scenes:
+        read = judge_image(image)["objects"]
+        assert len(read) == 2 and {f"{o['colour']} {o['shape']}" for o in read} == set(n)
+    # same seed, same images; another seed, others
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (_, a), (_, b) in zip(scenes, tw.pair_scenes(2, seed=0)))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for (_, a), (_, b) in zip(scenes, tw.pair_scenes(2, seed=1)))
+
+
 def test_cli_needs_an_output(capsys):
     with pytest.raises(SystemExit):
         tw.main(["--num_train", "3"])
