@@ -38,18 +38,32 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def grouped(right, truths, heldout):
+    """right[i]: image i's names found -> {(count, held-out): (accuracy, n)}, by its number of names."""
+    out = {}
+    for count in (1, 2):
+        for held in (False, True):
+            sel = [i for i, t in enumerate(truths) if len(t) == count and heldout[i] == held]
+            out[count, held] = (sum(right[i] for i in sel) / len(sel) if sel else float("nan"), len(sel))
+    return out
+
+
 @torch.no_grad()
-def scores(encoder, sd, images_dir, val_images, truths, heldout, space):
-    """-> {column: accuracy} for one encoder (queries and keys both by it)."""
+def encoded(encoder, sd, images_dir, val_images, space):
+    """-> (the memory images' keys [M,D] by encoder, L2-normalised; their names [M]; the val images' tokens
+    [N,L,D] in the memory's space)."""
     from data.coco import image_transform
-    from models.evcap import memory_key
     from scripts.build_memory import memory_keys
     keys, names, _ = memory_keys(encoder, sd, images_dir, space, image_transform(val_images.shape[-1]), desc="keys")
-    keys = F.normalize(keys, dim=-1)
+    x = torch.cat([encoder(val_images[s:s + 256]) for s in range(0, len(val_images), 256)])
+    return F.normalize(keys, dim=-1), names, (sd.condition(x) if space == "cond" else x).float()
+
+
+def scores(keys, names, x, truths, heldout):
+    """-> {(query, count, held-out): (accuracy, n)} for one encoder's keys and val tokens x."""
+    from models.evcap import memory_key
     vocab = sorted(set(names))
     owner = torch.tensor([vocab.index(n) for n in names])
-    x = torch.cat([encoder(val_images[s:s + 256]) for s in range(0, len(val_images), 256)])
-    x = (sd.condition(x) if space == "cond" else x).float()                        # [N,L,D]
     pooled = memory_key(x) @ keys.T                                                 # [N,M]
     tokens = torch.einsum("nld,md->nlm", F.normalize(x, dim=-1), keys).amax(1)       # [N,M]: best token per key
 
@@ -60,41 +74,28 @@ def scores(encoder, sd, images_dir, val_images, truths, heldout, space):
     out = {}
     for query, sims in (("pooled", pooled), ("per token", tokens)):
         names_of = ranked(sims)
-        for count in (1, 2):
-            for held in (False, True):
-                sel = [i for i, t in enumerate(truths) if len(t) == count and heldout[i] == held]
-                right = sum(set(names_of[i][:count]) == truths[i] for i in sel)
-                out[query, count, held] = (right / len(sel) if sel else float("nan"), len(sel))
+        right = [set(names_of[i][:len(t)]) == t for i, t in enumerate(truths)]
+        out.update({(query, *group): v for group, v in grouped(right, truths, heldout).items()})
     return out
 
 
 @torch.no_grad()
-def pair_memory_scores(encoder, sd, images_dir, per_pair, val_images, truths, heldout, space):
-    """-> {column: accuracy}: stage 1's memory plus per_pair two-object images of every pair of
-    names, each keyed with both its names; a scene gets the names of its nearest key (pooled)."""
+def pair_memory_scores(encoder, sd, keys, names, x, per_pair, image_size, truths, heldout, space):
+    """-> {(count, held-out): (accuracy, n)}: the memory (keys, names, by encoder) plus per_pair two-object
+    images of every pair of names, each keyed with both its names; a scene (val tokens x) gets the names
+    of its nearest key (pooled)."""
     from data.coco import image_transform
     from data.toy_world import pair_scenes
     from models.evcap import memory_key
-    from scripts.build_memory import memory_keys
-    transform = image_transform(val_images.shape[-1])
-    keys, names, _ = memory_keys(encoder, sd, images_dir, space, transform, desc="keys")
-    owners = [frozenset([n]) for n in names]
+    transform = image_transform(image_size)
     pairs = list(pair_scenes(per_pair))
-
-    def key_of(images):  # [N,3,S,S] -> [N,D] in the memory's space
-        x = encoder(images)
-        return memory_key(sd.condition(x) if space == "cond" else x)
-    keys = torch.cat([F.normalize(keys, dim=-1)] + [key_of(torch.stack([transform(im) for _, im in pairs[s:s + 256]]))
-                                                     for s in range(0, len(pairs), 256)])
-    owners += [frozenset(n) for n, _ in pairs]
-    queries = torch.cat([key_of(val_images[s:s + 256]) for s in range(0, len(val_images), 256)])
-    nearest = [owners[j] for j in (queries @ keys.T).argmax(1).tolist()]
-    out = {}
-    for count in (1, 2):
-        for held in (False, True):
-            sel = [i for i, t in enumerate(truths) if len(t) == count and heldout[i] == held]
-            out[count, held] = sum(nearest[i] == truths[i] for i in sel) / len(sel) if sel else float("nan")
-    return out
+    pair_keys = []
+    for s in range(0, len(pairs), 256):
+        z = encoder(torch.stack([transform(im) for _, im in pairs[s:s + 256]]))
+        pair_keys.append(memory_key(sd.condition(z) if space == "cond" else z))
+    owners = [{n} for n in names] + [set(n) for n, _ in pairs]
+    nearest = (memory_key(x) @ torch.cat([keys] + pair_keys).T).argmax(1).tolist()
+    return grouped([owners[j] == t for j, t in zip(nearest, truths)], truths, heldout)
 
 
 def main(argv=None):
@@ -115,24 +116,26 @@ def main(argv=None):
     truths = [{name_of(folder_of(o["colour"], o["shape"])) for o in data.images_info[i]["scene"]["objects"]}
               for i in data.image_ids]
     heldout = [bool(data.images_info[i].get("heldout")) for i in data.image_ids]
-    table, header = [], None
+    table, header, pair_row = [], None, None
     for label, stage1, stage2 in rows:
         encoder, sd, _, info = common.load_encoder(stage1, stage2)
         encoder.eval()
         transform = image_transform(info["stage1_image_size"])
         images = torch.stack([transform(load_rgb(data.image_path(i))) for i in data.image_ids])
-        result = scores(encoder, sd, images_dir, images, truths, heldout, args.space)
+        keys, names, x = encoded(encoder, sd, images_dir, images, args.space)
+        result = scores(keys, names, x, truths, heldout)
         header = header or ["keys and queries by"] + [
             f"{query}: {'1 object' if count == 1 else '2 objects, both'} {'held-out' if held else 'seen'} (n={n})"
             for (query, count, held), (_, n) in result.items()]
         table.append([label] + [f"{acc:.3f}" for acc, _ in result.values()])
-    if args.pair_images:
-        encoder, sd, _, info = common.load_encoder(os.path.join(args.run, "stage1"))
-        encoder.eval()
-        result = pair_memory_scores(encoder, sd, images_dir, args.pair_images, images, truths, heldout, args.space)
-        # pooled columns only, and the count is the nearest key's
-        table.append([f"stage 1, the memory + {args.pair_images} two-object images a pair (the nearest key's names)"]
-                     + [f"{result[count, held]:.3f}" for count in (1, 2) for held in (False, True)] + ["-"] * 4)
+        if args.pair_images and stage2 is None:  # stage 1's keys and val tokens, already at hand
+            pairs = pair_memory_scores(encoder, sd, keys, names, x, args.pair_images, info["stage1_image_size"],
+                                       truths, heldout, args.space)
+            # pooled columns only, and the count is the nearest key's
+            pair_row = ([f"stage 1, the memory + {args.pair_images} two-object images a pair (the nearest key's names)"]
+                        + [f"{acc:.3f}" for acc, _ in pairs.values()] + ["-"] * 4)
+    if pair_row:
+        table.append(pair_row)
     print(common.machine_description())
     print(f"the memory: {images_dir}; {len(truths)} val images of {os.path.basename(val_world(args.run, args.val_world))}; "
           f"a scene is right when its nearest name (1 object) or two nearest names (2 objects) are its own")
