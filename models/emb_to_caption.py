@@ -11,7 +11,7 @@ and EOS. EOS is trained (the official VLV code trains none and has to cut its ca
 so `generate()` stops by itself. Every prefix has the same length L, so batched generation needs no
 left padding: the attention mask is all ones at the start, and transformers' `generate()` runs
 batched beam search with the KV cache straight from `inputs_embeds` (the prefix run once an image,
-its cache copied to the beams).
+its keys and values held once for all its beams: BeamSharedPromptLayer).
 
 Any causal LM that `AutoModelForCausalLM` loads works (GPT-2/distilgpt2, Qwen2.5, Llama, the toy
 LM of scripts/train_toy_lm.py): token embeddings come from `lm.get_input_embeddings()`, the width from
@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.pytorch_utils import Conv1D
 
 from errors import BadInput
@@ -349,12 +350,18 @@ class EmbToCaption(Captioner):
             beams = kwargs["num_beams"] * kwargs["num_return_sequences"]
             if beams > 1 and prefix.shape[1] > 1:
                 # generate() would run the prefix once per beam; run it once per image and hand
-                # generate() the cache, copied to the beams: it feeds only the uncached last position.
-                # Same captions; 1.2-1.4x the captions/s for EVCap's 98-position prompt on the toy world.
+                # generate() the cache, held once for all the beams: it feeds only the uncached last
+                # position. Same captions; 1.8-2.1x the captions/s of generate() alone for EVCap's
+                # 98-position prompt on the toy world (benchmarks.decoding_speed).
                 cache = DynamicCache(config=self.lm.config)
                 self.lm(inputs_embeds=prefix[:, :-1], attention_mask=attention_mask[:, :-1],
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache.batch_repeat_interleave(beams)                    # [B,...] -> [B*beams,...]
+                if all(type(layer) is DynamicLayer for layer in cache.layers):
+                    # One more position per new token, and the last prefix position fed first.
+                    room = kwargs["max_new_tokens"] + 1
+                    cache.layers = [BeamSharedPromptLayer(layer, beams, room) for layer in cache.layers]
+                else:   # sliding-window layers and the like: transformers' own copy and reorder
+                    cache.batch_repeat_interleave(beams)                # [B,...] -> [B*beams,...]
                 kwargs["past_key_values"] = cache
             with warnings.catch_warnings():
                 # The prompt is embeddings, not tokens, so n-gram blocking sees only the new tokens: as wanted.
@@ -365,3 +372,64 @@ class EmbToCaption(Captioner):
             self.train(was_training)
         return self.decode(out)
 
+
+class BeamSharedPromptLayer(DynamicLayer):
+    """One layer's KV cache for beam search over a shared prompt: the prompt's keys and values,
+    [B,H,P,d], copied once to the beams, and room for `room` more positions in the same buffer.
+
+    transformers' DynamicLayer appends with `torch.cat` and its beam search reorders with
+    `index_select`, so every step copies the whole cache twice, the prompt included; on EVCap's
+    98-position prompt that is 77% of a CPU step. Every beam of an image holds the same prompt, and
+    beam search only ever moves beams within an image, so here new positions are written in place
+    and a reorder moves only the generated part. Same keys and values at every step, so the same
+    captions (tests/test_emb_to_caption.py); no transformers cache does this (StaticLayer reorders
+    its whole buffer).
+    """
+
+    def __init__(self, layer: DynamicLayer, beams: int, room: int):
+        super().__init__()
+        keys, values = layer.keys, layer.values                         # [B,H,P,d]
+        B, H, P, d = keys.shape
+        self.dtype, self.device = keys.dtype, keys.device
+        self.beams, self.prompt_len, self.length = beams, P, P
+        self.keys = keys.new_empty((B * beams, H, P + room, d))
+        self.values = values.new_empty((B * beams, H, P + room, d))
+        self.keys[:, :, :P] = keys.repeat_interleave(beams, dim=0)
+        self.values[:, :, :P] = values.repeat_interleave(beams, dim=0)
+        self.reordered = False
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.keys.shape[-2]:       # more positions than planned: grow (a copy, as DynamicLayer)
+            more = lambda x: x.new_empty(x.shape[:2] + (max(end, x.shape[-2]),) + x.shape[3:])
+            self.keys, self.values = (torch.cat([x, more(x)], dim=-2) for x in (self.keys, self.values))
+        self.keys[:, :, self.length:end] = key_states
+        self.values[:, :, self.length:end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]          # views, no copy
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reorder_cache(self, beam_idx):
+        if not self.reordered:
+            # The prompt is not moved, so a beam must stay with its image: checked once a search.
+            own = torch.arange(beam_idx.numel(), device=beam_idx.device) // self.beams
+            if not torch.equal(beam_idx.to(own.device) // self.beams, own):
+                raise RuntimeError("beam search moved a beam to another image; BeamSharedPromptLayer "
+                                   "cannot serve it (use DynamicCache.batch_repeat_interleave)")
+            self.reordered = True
+        generated = slice(self.prompt_len, self.length)
+        beam_idx = beam_idx.to(self.keys.device)
+        self.keys[:, :, generated] = self.keys[beam_idx, :, generated]
+        self.values[:, :, generated] = self.values[beam_idx, :, generated]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("BeamSharedPromptLayer serves beam search only")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("BeamSharedPromptLayer serves beam search only")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("BeamSharedPromptLayer serves beam search only")

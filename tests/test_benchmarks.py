@@ -69,15 +69,16 @@ def test_timing_print_medians(capsys):
 
 def test_decoding_speed(run, capsys):
     result = decoding_speed.main(argv_of(stage1_ckpt=run["stage1"], stage2_ckpt=run["stage2"], data_dir=run["data"],
-                                         num_images=3, batch_size=2, num_beams=2, max_new_tokens=5))
+                                         num_images=3, batch_size=2, num_beams=2, max_new_tokens=5, turns=2))
     out = capsys.readouterr().out
     assert_machine_line(out)
+    assert "captions/s: the median of 2 turns" in out
     (table,) = tables(out)
     assert table[0] == ["decoder", "captions/s", "same captions"]
     assert [row[0] for row in table[1:]] == [
         "batch-1 beam search, no KV cache (EVCap/ClipCap style)",
         "transformers generate, batch 2, KV cache, the prompt run once a beam",
-        "generate(), batch 2, KV cache, the prompt run once an image (this codebase)"]
+        "generate(), batch 2, KV cache, the prompt run once an image and shared by its beams (this codebase)"]
     # the reference beam search is transformers' beam search (tests/test_emb_to_caption.py checks it
     # on trained captioners): the same captions, every one
     assert [row[2] for row in table[1:]] == ["3/3", "3/3", "3/3"]

@@ -6,7 +6,8 @@ import torch
 from benchmarks.decoding_speed import beam_search_reference
 from conftest import CAPTIONS, save_tiny_gpt2, save_tiny_llama
 from errors import BadInput
-from models.emb_to_caption import EmbToCaption, _lora_targets, best_in_group
+from models.emb_to_caption import BeamSharedPromptLayer, EmbToCaption, _lora_targets, best_in_group
+from transformers.cache_utils import DynamicLayer
 
 L, D = 4, 16  # prefix length and width of z
 
@@ -74,15 +75,24 @@ def test_batched_equals_one_at_a_time(overfit):
 
 
 @pytest.mark.parametrize("lm", ["gpt2", "llama_lora"])
-def test_prefix_run_once_per_image_gives_generates_own_beams(lm, gpt2_dir, tmp_path):
-    """generate() runs the prefix once per image and copies its cache to the beams: the same token
-    ids as transformers' generate() running it once per beam (a Llama: rotary positions after a
-    handed-in cache; LoRA: peft's wrapper)."""
+def test_prefix_run_once_per_image_gives_generates_own_beams(lm, gpt2_dir, tmp_path, monkeypatch):
+    """generate() runs the prefix once per image and hands the beams one shared copy of its cache
+    (BeamSharedPromptLayer): the same token ids as transformers' generate() running it once per
+    beam (a Llama: rotary positions after a handed-in cache; LoRA: peft's wrapper)."""
     torch.manual_seed(0)
     path, lora = (gpt2_dir, False) if lm == "gpt2" else (save_tiny_llama(tmp_path / "llama"), True)
     captioner = EmbToCaption.from_pretrained(path, prefix_len=L, prefix_dim=D, freeze_lm=lora, lora=lora)
     train(captioner, torch.randn(len(CAPTIONS), L, D), CAPTIONS, steps=25, lr=5e-3)
     z = 2 * torch.randn(5, L, D)
+    layer_types, lm_generate = set(), captioner.lm.generate
+
+    def spy(*args, **kwargs):
+        layer_types.update(type(layer) for layer in kwargs["past_key_values"].layers)
+        return lm_generate(*args, **kwargs)
+    monkeypatch.setattr(captioner.lm, "generate", spy)
+    captioner.generate(z, num_beams=3, max_new_tokens=4)
+    monkeypatch.undo()
+    assert layer_types == {BeamSharedPromptLayer}
     for num_beams, max_new in ((3, 12), (4, 7)):
         kwargs = captioner.generation_kwargs(num_beams=num_beams, max_new_tokens=max_new)
         prefix = captioner.prefix_embeds(z)
@@ -92,6 +102,33 @@ def test_prefix_run_once_per_image_gives_generates_own_beams(lm, gpt2_dir, tmp_p
         expected = captioner.decode(ids)
         assert captioner.generate(z, num_beams=num_beams, max_new_tokens=max_new) == expected
     assert len(set(expected)) > 1
+
+
+def test_shared_prompt_layer_holds_what_dynamic_layer_holds():
+    """Appends and within-image reorders, past the planned room (the buffer grows): at every step
+    the same keys and values as transformers' DynamicLayer copied to the beams; a reorder that
+    moves a beam to another image is refused."""
+    torch.manual_seed(0)
+    images, heads, P, d, beams = 2, 2, 5, 4, 3
+    prompt = DynamicLayer()
+    prompt.update(torch.randn(images, heads, P, d), torch.randn(images, heads, P, d))
+    shared = BeamSharedPromptLayer(prompt, beams, room=2)
+    reference = DynamicLayer()
+    reference.update(prompt.keys.repeat_interleave(beams, 0), prompt.values.repeat_interleave(beams, 0))
+    for _ in range(5):
+        new = torch.randn(2, images * beams, heads, 1, d)
+        for got, want in zip(shared.update(*new), reference.update(*new)):
+            assert torch.equal(got, want)
+        beam_idx = (torch.arange(images)[:, None] * beams + torch.randint(beams, (images, beams))).flatten()
+        shared.reorder_cache(beam_idx)
+        reference.reorder_cache(beam_idx)
+    assert shared.get_seq_length() == reference.get_seq_length() == P + 5
+    assert torch.equal(shared.keys[:, :, :P + 5], reference.keys)
+    assert torch.equal(shared.values[:, :, :P + 5], reference.values)
+    crossing = BeamSharedPromptLayer(prompt, beams, room=2)
+    crossing.update(*torch.randn(2, images * beams, heads, 1, d))
+    with pytest.raises(RuntimeError, match="moved a beam to another image"):
+        crossing.reorder_cache(torch.tensor([0, 0, 3, 1, 4, 5]))
 
 
 def test_beam_search_reference_matches_generate(overfit):
