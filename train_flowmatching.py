@@ -76,7 +76,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args = common.parse_with_preset(build_parser(), argv, stage="flow")
+    args = common.parse_with_preset(build_parser(), argv, stage="flow", variant="mode")
     if args.data_dir is None:
         common.die("--data_dir is required: the COCO 2017 root with annotations/ and train2017/")
     if args.mode == "degrade":

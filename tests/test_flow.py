@@ -366,3 +366,15 @@ def test_eval_captioning_with_an_enhancer(world, flows, tmp_path):
     with pytest.raises(BadInput, match="was made with enhancer="):
         eval_captioning.main(argv_of(out_jsonl=str(tmp_path / "plain.jsonl"), enhancer=flows["degrade"], **base))
     assert json.load(open(tmp_path / "flow.jsonl.settings.json"))["enhancer"] == flows["degrade"]
+
+
+def test_the_toy_presets_degrade_part_sets_only_degrade_flows(world, tmp_path):
+    """--preset toy's flow_degrade part (a longer run) reaches --mode degrade, not the other modes,
+    and an explicit flag still wins."""
+    base = ["--preset", "toy", "--data_dir", str(world["data"]), "--stage1_ckpt", str(world["stage1"]),
+            "--output_dir", str(tmp_path)]
+    steps = {mode: train_flowmatching.parse_args(base + ["--mode", mode]).max_steps for mode in ("degrade", "prior")}
+    assert steps == {"degrade": common.PRESETS["toy"]["flow_degrade"]["max_steps"],
+                     "prior": common.PRESETS["toy"]["flow"]["max_steps"]}
+    assert steps["degrade"] != steps["prior"]
+    assert train_flowmatching.parse_args(base + ["--mode", "degrade", "--max_steps", "7"]).max_steps == 7
