@@ -315,7 +315,7 @@ def memory_rekeyer(args, vlv, image_size, device):
     encoder keys better than stage 1 (0.99-1.00 of seen single objects named right against 0.80-0.91),
     but the encoder EVCap fine-tunes does not (0.21): its Q-Former keeps no cosine geometry
     (docs/measurements.md, 2026-12-06)."""
-    memory = getattr(vlv.captioner, "memory", None)
+    memory = vlv.captioner.memory if vlv.captioner.kind == "evcap" else None  # BLIP's `memory` is its z map
     if not (args.finetune_encoder and memory is not None and len(memory)):
         return None
     from data.coco import image_transform

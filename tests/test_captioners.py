@@ -225,7 +225,8 @@ def stage2_argv(world, out, **kw):
 
 
 CAPTIONER_FLAGS = {
-    "blip": dict(captioner="blip", text_decoder=MINILM, finetune_lm=True),
+    # the encoder trains too, as the toy preset's BLIP does
+    "blip": dict(captioner="blip", text_decoder=MINILM, finetune_lm=True, finetune_encoder=True),
     "evcap": dict(captioner="evcap", qformer_hidden=16, qformer_layers=2, qformer_heads=2, num_query_tokens=4,
                   num_name_queries=2, memory_topn=2, prompt="<Img><ImageHere></Img> "),
     "evcap_names": dict(captioner="evcap", qformer_hidden=16, qformer_layers=2, qformer_heads=2, num_query_tokens=4,
