@@ -489,7 +489,7 @@ FREE_ON_RESUME = {"output_dir", "resume_from", "checkpointing_steps", "checkpoin
 # resumes under newer code (when the flag's default differs, the message names the value to pass).
 IMPLIED_BY_OLDER_RUNS = {"names_in_prompt": False, "clean_copies": 0, "train_names": "memory",
                          "caption_nll_weight": 0.0, "image_noise_std": 0.0, "open_world_text": 0,
-                         "name_swap": 0.0, "swap_from": "seen", "shuffle_names": False}
+                         "name_swap": 0.0, "swap_from": "seen", "shuffle_names": False, "encoder_lr": None}
 
 
 def check_resume_settings(path, saved, args, free=FREE_ON_RESUME, start_over="pass a new --output_dir"):

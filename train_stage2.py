@@ -50,6 +50,9 @@ def build_parser():
     g.add_argument("--finetune_encoder", action=argparse.BooleanOptionalAction, default=False,
                    help="train the vision encoder too (with --captioner evcap the memory is re-keyed by it; on the "
                         "toy world that keying fails, 0.21 of single objects named right: docs/measurements.md)")
+    g.add_argument("--encoder_lr", type=float, default=None,
+                   help="--finetune_encoder: the encoder's learning rate (default --lr); e.g. a pretrained BERT "
+                        "decoder at a small --lr beside an encoder that learns at stage 1's")
     g.add_argument("--reinit_encoder", action="store_true",
                    help="baseline without stage 1: the same encoder freshly initialised and trained "
                         "with the captioner (implies --finetune_encoder)")
@@ -189,6 +192,8 @@ def parse_args(argv=None):
     if args.memory and args.captioner != "evcap":
         common.die(f"--memory is for --captioner evcap, not {args.captioner}")
     args.finetune_encoder = args.finetune_encoder or args.reinit_encoder
+    if args.encoder_lr is not None and not args.finetune_encoder:
+        args.encoder_lr = None  # no encoder weight trains (and free on resume)
     if args.two_object_repeat < 1:
         common.die(f"--two_object_repeat {args.two_object_repeat}: must be 1 (no repeats) or more")
     if args.lora and args.finetune_lm:
@@ -384,8 +389,12 @@ def main(argv=None):
     else:
         loader = common.train_loader(dataset, args, accelerator)
         trained = vlv
-    optimizer, lr_scheduler, steps_per_epoch, max_steps = common.build_optimization(
-        accelerator, args, [p for p in trained.parameters() if p.requires_grad], loader)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    if args.encoder_lr is not None:  # two groups: the encoder's, and the rest at --lr
+        in_encoder = {id(p) for p in encoder.parameters()}
+        params = [{"params": [p for p in params if id(p) not in in_encoder]},
+                  {"params": [p for p in params if id(p) in in_encoder], "lr": args.encoder_lr}]
+    optimizer, lr_scheduler, steps_per_epoch, max_steps = common.build_optimization(accelerator, args, params, loader)
     model, optimizer, lr_scheduler = accelerator.prepare(trained, optimizer, lr_scheduler)
 
     def model_state():

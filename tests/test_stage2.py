@@ -111,6 +111,20 @@ def test_finetune_encoder_saves_its_weights(world, tmp_path):
     assert any(not torch.equal(enc[k], before[k]) for k in enc)
 
 
+def test_encoder_lr_sets_the_encoders_own_rate(world, tmp_path):
+    # --encoder_lr 0: the captioner learns at --lr while the fine-tuned encoder stays where stage 1 left it
+    out = str(tmp_path / "enc_lr")
+    train_stage2.main(stage2_argv(world, out, max_steps=2, checkpointing_steps=2, finetune_encoder=True,
+                                  encoder_lr=0.0))
+    ckpt = common.load_checkpoint(os.path.join(out, "captioner_2.pt"), "stage2")
+    before = common.load_checkpoint(world["stage1"], "stage1")["model"]
+    assert all(torch.equal(ckpt["model"]["encoder"][k], before[k]) for k in before)
+    assert [g["initial_lr"] for g in ckpt["optimizer"]["param_groups"]] == [1e-3, 0.0]
+    with pytest.raises(BadInput, match="encoder_lr"):  # a resume at another encoder rate is refused
+        train_stage2.main(stage2_argv(world, out, max_steps=4, checkpointing_steps=2, finetune_encoder=True,
+                                      encoder_lr=1e-3, resume_from="latest"))
+
+
 def infer_argv(world, stage2, **kw):
     return argv_of(stage1_ckpt=world["stage1"], stage2_ckpt=os.path.join(stage2, "captioner_6.pt"),
                    num_beams=2, max_new_tokens=6, num_inference_steps=2, device="cpu", **kw)
