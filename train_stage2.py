@@ -193,7 +193,8 @@ def parse_args(argv=None):
         common.die(f"--memory is for --captioner evcap, not {args.captioner}")
     args.finetune_encoder = args.finetune_encoder or args.reinit_encoder
     if args.encoder_lr is not None and not args.finetune_encoder:
-        args.encoder_lr = None  # no encoder weight trains (and free on resume)
+        common.die(f"--encoder_lr {args.encoder_lr}: the encoder is frozen in this run, so no weight would learn at "
+                   f"that rate; add --finetune_encoder or drop --encoder_lr")
     if args.two_object_repeat < 1:
         common.die(f"--two_object_repeat {args.two_object_repeat}: must be 1 (no repeats) or more")
     if args.lora and args.finetune_lm:

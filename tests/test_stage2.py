@@ -123,6 +123,8 @@ def test_encoder_lr_sets_the_encoders_own_rate(world, tmp_path):
     with pytest.raises(BadInput, match="encoder_lr"):  # a resume at another encoder rate is refused
         train_stage2.main(stage2_argv(world, out, max_steps=4, checkpointing_steps=2, finetune_encoder=True,
                                       encoder_lr=1e-3, resume_from="latest"))
+    with pytest.raises(BadInput, match="--encoder_lr 0.001: the encoder is frozen in this run"):
+        train_stage2.main(stage2_argv(world, str(tmp_path / "frozen"), max_steps=2, encoder_lr=1e-3))
 
 
 def infer_argv(world, stage2, **kw):
