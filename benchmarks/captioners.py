@@ -62,8 +62,12 @@ def parse_args(argv=None):
 
 
 def seconds_per_step(folder):
-    """The run's training time per step, from summary.json (this invocation's epochs)."""
-    with open(os.path.join(folder, "summary.json")) as f:
+    """The run's training time per step, from summary.json (this invocation's epochs); nan for a run
+    still training or stopped early, which has written no summary yet (its checkpoints still read)."""
+    path = os.path.join(folder, "summary.json")
+    if not os.path.exists(path):
+        return float("nan")
+    with open(path) as f:
         times = json.load(f)["epoch_seconds_and_steps"].values()
     seconds, steps = sum(t[0] for t in times), sum(t[1] for t in times)
     return seconds / steps if steps else float("nan")

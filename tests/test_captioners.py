@@ -3,6 +3,7 @@ few captions exactly and stops at its end token, batched decoding equals one ima
 BLIP's prompt never reaches the loss or the output, the packaged MiniLM's weights are the ones
 loaded, the memory retrieves an image's own name, and train_stage2 / infer / eval read all three."""
 import json
+import math
 import os
 
 import pytest
@@ -418,6 +419,7 @@ def test_captioner_benchmark_table(world, runs, tmp_path, capsys):
     for name, folder in rows.items():
         os.symlink(folder, run / "captioners" / name)
     results = captioners.main(["--run", str(run), "--rows", ",".join(rows), "--num_samples", "6", "--batch_size", "4"])
+    results_prefix = results[0]
     out = capsys.readouterr().out
     assert [r["key"] for r in results] == list(rows)
     assert all(0 <= r["seen"] <= 1 and r["params"] > 0 and r["step"] > 0 for r in results)
@@ -436,6 +438,15 @@ def test_captioner_benchmark_table(world, runs, tmp_path, capsys):
     captioners.main(["--run", str(run), "--rows", "prefix", "--val_world", "8", "--batch_size", "4"])
     assert os.path.isfile(run / "val_world_8" / "annotations" / "captions_val2017.json")
     assert "8 toy val images" in capsys.readouterr().out
+    # --row: a run still training (no summary.json yet) reads, its s/step unknown
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in os.listdir(world["stage2"]):
+        if name != "summary.json":
+            os.symlink(os.path.join(world["stage2"], name), partial / name)
+    [result] = captioners.main(["--run", str(run), "--row", f"partial={partial}", "--num_samples", "6",
+                                "--batch_size", "4"])
+    assert result["seen"] == results_prefix["seen"] and math.isnan(result["step"])
     with pytest.raises(BadInput, match="no captioner at"):
         captioners.main(["--run", str(run), "--rows", "blip_random"])
     # --row LABEL=FOLDER: any stage-2 run on the run's stage 1, alone when --rows is not given
