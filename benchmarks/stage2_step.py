@@ -7,6 +7,7 @@ turns, so a drift of the machine's speed reaches all of them alike; the median o
 and which of them `--mixed_precision auto` runs on this machine.
 
     python -m benchmarks.stage2_step --run checkpoints/toy
+    python -m benchmarks.stage2_step --run checkpoints/toy --captioner blip --settings fp32
 """
 import argparse
 import contextlib
@@ -22,10 +23,10 @@ from benchmarks import timing
 SETTINGS = {"fp32": "no", "bf16": "bf16"}  # name: --mixed_precision
 
 
-def seconds_per_step(run, out, precision, steps, batch_size, num_workers):
+def seconds_per_step(run, out, precision, steps, batch_size, num_workers, captioner="prefix"):
     common.fresh_accelerator_state()  # accelerate keeps one mixed precision per process
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        train_stage2.main(["--preset", "toy", "--data_dir", f"{run}/data", "--llm", f"{run}/lm",
+        train_stage2.main(["--preset", "toy", "--captioner", captioner, "--data_dir", f"{run}/data", "--llm", f"{run}/lm",
                            "--stage1_ckpt", f"{run}/stage1", "--output_dir", out, "--batch_size", str(batch_size),
                            "--mixed_precision", precision, "--num_workers", str(num_workers),
                            "--max_steps", str(steps), "--checkpointing_steps", str(steps),
@@ -41,24 +42,32 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="turns of each setting")
     p.add_argument("--steps", type=int, default=30, help="steps per turn")
     p.add_argument("--batch_size", type=int, default=common.PRESETS["toy"]["stage2"]["batch_size"])
+    p.add_argument("--captioner", default="prefix", choices=sorted(common.CAPTIONERS),
+                   help="the toy preset's captioner of that kind (blip: from the MiniLM; evcap: no memory)")
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"of {','.join(SETTINGS)}")
     p.add_argument("--num_workers", type=int, default=train_stage2.build_parser().get_default("num_workers"),
                    help="data-loading processes (train_stage2's default, as the pipeline runs it)")
     args = p.parse_args(argv)
     if min(args.rounds, args.steps) < 1:
         common.die("--rounds and --steps must be 1 or more")
+    settings = [name.strip() for name in args.settings.split(",") if name.strip()]
+    unknown = sorted(set(settings) - set(SETTINGS)) or ([] if settings else ["(none)"])
+    if unknown:
+        common.die(f"--settings {args.settings}: unknown {', '.join(unknown)}; use some of {','.join(SETTINGS)}")
     for part in ("data", "lm", "stage1"):
         if not os.path.isdir(os.path.join(args.run, part)):
             common.die(f"--run {args.run} has no {part}/; pass a toy pipeline's OUT (bash scripts/toy_pipeline.sh "
                        f"writes checkpoints/toy)")
-    times = {name: [] for name in SETTINGS}
+    times = {name: [] for name in settings}
     for _ in range(args.rounds):
-        for name, precision in SETTINGS.items():
+        for name in settings:
             with tempfile.TemporaryDirectory() as out:
-                times[name].append(seconds_per_step(args.run, out, precision, args.steps, args.batch_size,
-                                                    args.num_workers))
+                times[name].append(seconds_per_step(args.run, out, SETTINGS[name], args.steps, args.batch_size,
+                                                    args.num_workers, args.captioner))
     print(common.machine_description())
-    medians = timing.print_medians(f"toy stage-2 step (batch {args.batch_size}, posterior_ref, LM and encoder "
-                                   f"trained), median of {args.rounds} turns of {args.steps} steps", times)
+    medians = timing.print_medians(f"toy stage-2 step, {args.captioner} captioner (batch {args.batch_size}, "
+                                   f"posterior_ref, LM and encoder trained), median of {args.rounds} turns of "
+                                   f"{args.steps} steps", times)
     auto, line = timing.auto_precision()
     print(f"{line}: train_stage2 runs the row {'bf16' if auto == 'bf16' else 'fp32'!r}")
     return dict(medians=medians, auto=auto)

@@ -18,10 +18,9 @@ the prompt is cut from the output by its token count.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from errors import BadInput
-from models.emb_to_caption import MAX_CAPTION_TOKENS, Captioner, pad_ids
+from models.emb_to_caption import MAX_CAPTION_TOKENS, Captioner, caption_nll, pad_ids
 
 PROMPT = "a picture of "
 
@@ -128,11 +127,11 @@ class BlipCaptioner(Captioner):
         prompt = torch.tensor(self.prompt_ids, device=z.device).expand(N, P)
         input_ids = torch.cat([prompt, tokens], dim=1)                   # [N,P+T]
         attention_mask = torch.cat([torch.ones_like(prompt), token_mask], dim=1)
-        logits = self.decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=memory,
-                              use_cache=False).logits[:, P - 1:-1]       # [N,T,V]: position P-1+t predicts token t
-        nll = F.cross_entropy(logits.float().transpose(1, 2), tokens.masked_fill(token_mask == 0, -100),
-                              reduction="none", label_smoothing=label_smoothing)
-        return nll, token_mask
+        hidden = self.decoder.bert(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=memory,
+                                   use_cache=False).last_hidden_state[:, P - 1:-1]  # [N,T,H]: P-1+t predicts token t
+        # BertLMHeadModel's own head, on the real caption positions only (not the prompt's, not padding)
+        logits = self.decoder.cls(hidden[token_mask.bool()])            # [M,V]
+        return caption_nll(logits, tokens, token_mask, label_smoothing), token_mask
 
     # ---- inference ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -151,6 +151,17 @@ def test_stage2_step(run, capsys):
     assert f"--mixed_precision auto on this machine: {result['auto']}" in out
 
 
+def test_stage2_step_of_blip_in_the_settings_asked(run, capsys):
+    stage2_step.main(argv_of(run=run["root"], rounds=1, steps=1, batch_size=2, num_workers=0, captioner="blip",
+                             settings="fp32"))
+    out = capsys.readouterr().out
+    assert "toy stage-2 step, blip captioner (batch 2, posterior_ref" in out
+    (table,) = tables(out)
+    assert [row[0] for row in table[1:]] == ["fp32"]
+    with pytest.raises(BadInput, match=r"^--settings fp32,fp16: unknown fp16; use some of fp32,bf16$"):
+        stage2_step.main(argv_of(run=run["root"], settings="fp32,fp16"))
+
+
 def test_stage2_step_wants_a_pipeline_run(tmp_path):
     """As a user runs it, from the repository root: one line and status 2, no traceback."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

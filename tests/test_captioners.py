@@ -122,22 +122,32 @@ def test_blip_prompt_is_masked_and_cut_at_the_token_level(blip):
 @needs_minilm
 def test_blip_labels_sit_after_the_prompt():
     """token_nll's t-th column is -log p(caption token t | [CLS] a picture of, tokens before t), as
-    computed here by hand from the decoder's logits; its first, from the prompt alone."""
+    computed here by hand from the decoder's own logits, one caption at a time; its first, from the
+    prompt alone. In a batch of captions of unequal lengths the padding counts 0, and label
+    smoothing is cross_entropy's: (1 - e) (-log p) + e * the mean of -log p over the vocabulary."""
     from models.blip import BlipCaptioner
     torch.manual_seed(0)
     captioner = BlipCaptioner.from_pretrained(MINILM, prefix_len=4, prefix_dim=8).eval()
-    z = torch.randn(1, 4, 8)
-    nll, _ = captioner.token_nll(z, CAPTIONS[:1])
-    caption = captioner.tokenize(CAPTIONS[:1])[0]
+    z = torch.randn(len(CAPTIONS), 4, 8)
     P, memory = len(captioner.prompt_ids), captioner.memory(z)
     with torch.no_grad():
-        full = captioner.decoder(input_ids=torch.tensor([captioner.prompt_ids + caption]),
-                                 encoder_hidden_states=memory).logits[0]
-        prompt_only = captioner.decoder(input_ids=torch.tensor([captioner.prompt_ids]),
-                                        encoder_hidden_states=memory).logits[0, -1]
-    by_hand = torch.stack([-torch.log_softmax(full[P - 1 + t], -1)[tok] for t, tok in enumerate(caption)])
-    torch.testing.assert_close(nll[0], by_hand, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(nll[0, 0], -torch.log_softmax(prompt_only, -1)[caption[0]], rtol=1e-4, atol=1e-4)
+        nll, mask = captioner.token_nll(z, CAPTIONS)
+        smoothed, _ = captioner.token_nll(z, CAPTIONS, label_smoothing=0.1)
+    lengths = [len(c) for c in captioner.tokenize(CAPTIONS)]
+    assert len(set(lengths)) > 1 and mask.sum(1).tolist() == lengths
+    for i, caption in enumerate(captioner.tokenize(CAPTIONS)):
+        with torch.no_grad():
+            full = captioner.decoder(input_ids=torch.tensor([captioner.prompt_ids + caption]),
+                                     encoder_hidden_states=memory[i:i + 1]).logits[0]
+            prompt_only = captioner.decoder(input_ids=torch.tensor([captioner.prompt_ids]),
+                                            encoder_hidden_states=memory[i:i + 1]).logits[0, -1]
+        log_p = torch.log_softmax(full[P - 1:P - 1 + len(caption)], -1)                 # [T_i,V]
+        by_hand = -log_p[torch.arange(len(caption)), caption]
+        torch.testing.assert_close(nll[i, :len(caption)], by_hand, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(smoothed[i, :len(caption)], 0.9 * by_hand - 0.1 * log_p.mean(-1),
+                                   rtol=1e-4, atol=1e-4)
+        assert (nll[i, len(caption):] == 0).all() and (smoothed[i, len(caption):] == 0).all()
+        torch.testing.assert_close(nll[i, 0], -torch.log_softmax(prompt_only, -1)[caption[0]], rtol=1e-4, atol=1e-4)
 
 
 @needs_minilm
