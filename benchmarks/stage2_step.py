@@ -26,8 +26,9 @@ SETTINGS = {"fp32": "no", "bf16": "bf16"}  # name: --mixed_precision
 def seconds_per_step(run, out, precision, steps, batch_size, num_workers, captioner="prefix"):
     common.fresh_accelerator_state()  # accelerate keeps one mixed precision per process
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        train_stage2.main(["--preset", "toy", "--captioner", captioner, "--data_dir", f"{run}/data", "--llm", f"{run}/lm",
-                           "--stage1_ckpt", f"{run}/stage1", "--output_dir", out, "--batch_size", str(batch_size),
+        train_stage2.main(["--preset", "toy", "--captioner", captioner, "--data_dir", f"{run}/data",
+                           "--llm", f"{run}/lm", "--stage1_ckpt", f"{run}/stage1", "--output_dir", out,
+                           "--batch_size", str(batch_size),
                            "--mixed_precision", precision, "--num_workers", str(num_workers),
                            "--max_steps", str(steps), "--checkpointing_steps", str(steps),
                            "--validation_steps", "0", "--num_validation_images", "1"])
@@ -51,9 +52,10 @@ def main(argv=None):
     if min(args.rounds, args.steps) < 1:
         common.die("--rounds and --steps must be 1 or more")
     settings = [name.strip() for name in args.settings.split(",") if name.strip()]
-    unknown = sorted(set(settings) - set(SETTINGS)) or ([] if settings else ["(none)"])
-    if unknown:
-        common.die(f"--settings {args.settings}: unknown {', '.join(unknown)}; use some of {','.join(SETTINGS)}")
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown or not settings:
+        wrong = f"unknown {', '.join(unknown)}" if unknown else "none given"
+        common.die(f"--settings {args.settings}: {wrong}; use some of {','.join(SETTINGS)}")
     for part in ("data", "lm", "stage1"):
         if not os.path.isdir(os.path.join(args.run, part)):
             common.die(f"--run {args.run} has no {part}/; pass a toy pipeline's OUT (bash scripts/toy_pipeline.sh "

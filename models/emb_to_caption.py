@@ -95,9 +95,9 @@ def pad_ids(ids, pad_id, device):
 
 def caption_nll(logits, tokens, token_mask, label_smoothing=0.0):
     """logits [M,V] at the M real caption positions of token_mask [N,T] (row-major, as x[mask]
-    orders them) -> -log p of each token [N,T], 0 at padding. The head runs on the real positions
-    only, and cross_entropy reads rows: over the [N,V,T] transpose of [N,T,V] it is about 2x
-    slower on a CPU, and BLIP's 30,522-word head made this a third of a posterior_ref step."""
+    orders them) -> -log p of each token [N,T], 0 at padding. cross_entropy reads rows: over the
+    [N,V,T] transpose of [N,T,V] it is about 2x slower on a CPU; with BLIP's 30,522-word head (run
+    on the real positions alone) that was a third of a posterior_ref step."""
     keep = token_mask.bool()
     nll = F.cross_entropy(logits.float(), tokens[keep], reduction="none", label_smoothing=label_smoothing)
     return torch.zeros(tokens.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll)
