@@ -81,6 +81,11 @@ def build_parser():
                    help="a visual-name memory from scripts/build_memory.py (memory.safetensors + memory.json), or "
                         "'none' for no names")
     g.add_argument("--memory_topn", type=int, default=10, help="names retrieved per image, at most (EVCap: 10)")
+    g.add_argument("--memory_regions", type=int, default=0,
+                   help="N > 0: at inference each image's names come from its region views, N split lines an axis "
+                        "(NameMemory.retrieve_regions: two names where two views cut between two objects match the "
+                        "memory better than the whole image; 3 on the toy world), not from the whole image (EVCap); "
+                        "needs --train_names caption")
     g.add_argument("--memory_backend", default="torch", choices=["torch", "faiss"],
                    help="faiss: faiss-cpu's exact inner-product index (pip install faiss-cpu)")
     g.add_argument("--qformer", default=None, help="a saved Blip2QFormerModel folder (default: a fresh one)")
@@ -189,6 +194,14 @@ def parse_args(argv=None):
             common.die(f"--{flag} acts on the names the captions say: add --train_names caption")
     if args.train_names != "caption":
         args.name_mask = None  # unused (and free on resume, as name_tokens)
+    if args.memory_regions and args.captioner != "evcap":
+        common.die(f"--memory_regions retrieves EVCap's memory names by region; --captioner {args.captioner} has no "
+                   f"memory: use --captioner evcap")
+    if args.memory_regions < 0:
+        common.die(f"--memory_regions {args.memory_regions}: the split lines an axis, 0 (the whole image) or more")
+    if args.memory_regions and args.train_names != "caption":
+        common.die("--memory_regions retrieves from the images' regions, which the loss's retrieval (from z) does not "
+                   "see: add --train_names caption")
     if args.memory and args.captioner != "evcap":
         common.die(f"--memory is for --captioner evcap, not {args.captioner}")
     args.finetune_encoder = args.finetune_encoder or args.reinit_encoder
@@ -256,7 +269,8 @@ def _build_captioner(args, sd, stage1_fingerprint, dataset):
             memory_backend=args.memory_backend, freeze_qformer=not args.finetune_qformer,
             freeze_lm=not args.finetune_lm, names_in_prompt=args.names_in_prompt, name_tokens=args.name_tokens,
             train_names=args.train_names, name_mask=args.name_mask, image_noise_std=args.image_noise_std,
-            name_swap=args.name_swap, swap_names=swap_names, shuffle_names=args.shuffle_names, **prompt)
+            name_swap=args.name_swap, swap_names=swap_names, shuffle_names=args.shuffle_names,
+            memory_regions=args.memory_regions, **prompt)
         if memory:
             info = captioner.memory.info
             if info.get("stage1_fingerprint") != stage1_fingerprint or info.get("space") != args.prefix_source:

@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--true_names", action="store_true",
                    help="also read each EVCap row with every val image's true names instead of the retrieved ones "
                         "(the toy scene's): what a perfect memory would give")
+    p.add_argument("--memory_regions", type=int, default=None,
+                   help="EVCap rows: retrieve names by region views, this many split lines an axis (0: by the "
+                        "whole image), not the checkpoint's setting")
     p.add_argument("--memory_topn", type=int, default=None, help="EVCap rows: retrieve this many names, not the "
                                                                  "number each was trained with")
     p.add_argument("--attributes", action="store_true",
@@ -109,6 +112,8 @@ def main(argv=None):
         evcap = vlv.captioner.kind == "evcap"
         if evcap and args.memory_topn:
             vlv.captioner.memory.topn = args.memory_topn
+        if evcap and args.memory_regions is not None:
+            vlv.captioner.memory.regions = args.memory_regions
         readings = [(key, labels[key], None)]
         if evcap and args.true_names:
             true_names = {i: list(dict.fromkeys(name_of(folder_of(o["colour"], o["shape"]))
@@ -124,7 +129,8 @@ def main(argv=None):
                     if names is None:
                         captions = vlv.caption(batch_images, num_beams=args.num_beams)
                     else:  # the memory's answer replaced by the scene's names, for this batch
-                        with mock.patch.object(vlv.captioner.memory, "retrieve", lambda z: [names[i] for i in batch]):
+                        with mock.patch.object(vlv.captioner.memory, "retrieve", lambda z: [names[i] for i in batch]), \
+                                mock.patch.object(vlv.captioner.memory, "regions", 0):
                             captions = vlv.caption(batch_images, num_beams=args.num_beams)
                     seconds += time.perf_counter() - start
                     preds.update(zip(batch, captions))

@@ -7,6 +7,9 @@ given (what train_stage2.py --captioner evcap --finetune_encoder re-keys the mem
 scores retrieval on a fresh toy val split: the nearest name of one-object scenes, and both names
 of two-object scenes among the two nearest, with the query pooled over z's tokens (the memory's
 key, EVCap's retrieval here) or searched token by token (EVCap searches each of its 32 query outputs).
+A row of region views (--regions N split lines an axis, NameMemory.retrieve_regions: two names
+where two views cut between two objects match the memory better than the whole image) reads stage 1's
+memory as `train_stage2.py --memory_regions N` does; its count of names is the rule's, not the scene's.
 With --pair_images N a last row keys stage 1's memory plus N two-object images of every pair of names
 (data.toy_world.pair_scenes, both names on each key) and reads the names of the nearest key: the count
 of names then comes from the memory, not from the scene.
@@ -33,6 +36,8 @@ def parse_args(argv=None):
                    help="NAME=PATH of a stage-2 run that fine-tuned its encoder: a row keyed by it (repeatable)")
     p.add_argument("--val_world", type=int, default=1000, help="images of the fresh val split")
     p.add_argument("--space", default="cond", choices=["cond", "z"], help="the memory's space")
+    p.add_argument("--regions", type=int, default=3,
+                   help="N: a row of region views, N split lines an axis, on stage 1's memory (0: none)")
     p.add_argument("--pair_images", type=int, default=0,
                    help="N: add a row whose memory also holds N two-object images of every pair of names")
     return p.parse_args(argv)
@@ -80,6 +85,21 @@ def scores(keys, names, x, truths, heldout):
 
 
 @torch.no_grad()
+def region_scores(encoder, sd, keys, names, images, x, regions, truths, heldout, space):
+    """-> {(count, held-out): (accuracy, n)}: the names of NameMemory.retrieve_regions (regions lines an
+    axis; one name a region) right, as a set, for each val image (images [N,3,S,S], their tokens x)."""
+    from models.evcap import NameMemory
+    memory = NameMemory(keys, names, topn=1, regions=regions)
+    found = []
+    for s in range(0, len(images), 64):
+        views = memory.region_views(images[s:s + 64])                                  # [b,V,3,S,S]
+        z = encoder(views.flatten(0, 1))
+        v = (sd.condition(z) if space == "cond" else z).float().unflatten(0, views.shape[:2])
+        found += memory.retrieve_regions(x[s:s + 64], v)
+    return grouped([set(f) == t for f, t in zip(found, truths)], truths, heldout)
+
+
+@torch.no_grad()
 def pair_memory_scores(encoder, sd, keys, names, x, per_pair, image_size, truths, heldout, space):
     """-> {(count, held-out): (accuracy, n)}: the memory (keys, names, by encoder) plus per_pair two-object
     images of every pair of names, each keyed with both its names; a scene (val tokens x) gets the names
@@ -116,7 +136,7 @@ def main(argv=None):
     truths = [{name_of(folder_of(o["colour"], o["shape"])) for o in data.images_info[i]["scene"]["objects"]}
               for i in data.image_ids]
     heldout = [bool(data.images_info[i].get("heldout")) for i in data.image_ids]
-    table, header, pair_row = [], None, None
+    table, header, extra_rows = [], None, []
     for label, stage1, stage2 in rows:
         encoder, sd, _, info = common.load_encoder(stage1, stage2)
         encoder.eval()
@@ -128,19 +148,22 @@ def main(argv=None):
             f"{query}: {'1 object' if count == 1 else '2 objects, both'} {'held-out' if held else 'seen'} (n={n})"
             for (query, count, held), (_, n) in result.items()]
         table.append([label] + [f"{acc:.3f}" for acc, _ in result.values()])
-        if args.pair_images and stage2 is None:  # stage 1's keys and val tokens, already at hand
+        # stage 1's keys and val tokens, already at hand; pooled columns only, the count the rule's
+        if args.regions and stage2 is None:
+            found = region_scores(encoder, sd, keys, names, images, x, args.regions, truths, heldout, args.space)
+            extra_rows.append([f"stage 1, region views ({args.regions} lines an axis; one name a region)"]
+                              + [f"{acc:.3f}" for acc, _ in found.values()] + ["-"] * 4)
+        if args.pair_images and stage2 is None:
             pairs = pair_memory_scores(encoder, sd, keys, names, x, args.pair_images, info["stage1_image_size"],
                                        truths, heldout, args.space)
-            # pooled columns only, and the count is the nearest key's
-            pair_row = ([f"stage 1, the memory + {args.pair_images} two-object images a pair (the nearest key's names)"]
-                        + [f"{acc:.3f}" for acc, _ in pairs.values()] + ["-"] * 4)
-    if pair_row:
-        table.append(pair_row)
+            extra_rows.append([f"stage 1, the memory + {args.pair_images} two-object images a pair (the nearest "
+                               f"key's names)"] + [f"{acc:.3f}" for acc, _ in pairs.values()] + ["-"] * 4)
+    table += extra_rows
     print(common.machine_description())
     print(f"the memory: {images_dir}; {len(truths)} val images of {os.path.basename(val_world(args.run, args.val_world))}; "
           f"a scene is right when its nearest name (1 object) or two nearest names (2 objects) are its own")
-    if args.pair_images:
-        print("the last row's scene is right when the names of its nearest key are its own (any number of them)")
+    if args.regions or args.pair_images:
+        print("a region or pair row's scene is right when the names it finds are its own, as a set (any number of them)")
     print(common.markdown_table(header, table))
     return table
 

@@ -342,9 +342,10 @@ class EmbToCaption(Captioner):
 
     # ---- inference ----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, z, **decoding) -> list[str]:
+    def generate(self, z, names=None, **decoding) -> list[str]:
         """z [B,L,D] -> B captions. Batched beam search (greedy when num_beams=1) or sampling, with
-        the KV cache; decoding: the DECODING settings (num_beams, max_new_tokens, ...)."""
+        the KV cache; decoding: the DECODING settings (num_beams, max_new_tokens, ...). names: EVCap's
+        names per image when retrieved outside it (VLV.caption's region retrieval)."""
         kwargs = self.generation_kwargs(**decoding)
         self.check_room(kwargs["max_new_tokens"])
         was_training = self.training
@@ -352,7 +353,7 @@ class EmbToCaption(Captioner):
         # too (EVCap's Q-Formers have dropout).
         self.eval()
         try:
-            prefix = self.prefix_embeds(z)                              # [B,P,H]
+            prefix = self.prefix_embeds(z) if names is None else self.prefix_embeds(z, names)  # [B,P,H]
             # Same length for every prefix: no padding, the mask is all ones.
             attention_mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
             beams = kwargs["num_beams"] * kwargs["num_return_sequences"]

@@ -75,15 +75,37 @@ def load_memory(path):
     return keys, names, info
 
 
-class NameMemory(nn.Module):
-    """Names and their keys; retrieve() gives each image its nearest names by cosine similarity."""
+def region_views(images, regions):
+    """images [B,3,H,W] in [0,1] -> [B,4*regions,3,H,W]: for each of `regions` lines across the width
+    (evenly in its middle quarter, 3/8 to 5/8; one line: the middle), then across the height, the
+    image with the far side of the line painted in its background colour (the median of its border
+    pixels), then with the near side painted. Each view of a two-object scene cut between its
+    objects shows one object where it stood, as the memory's one-object images do."""
+    B, _, H, W = images.shape
+    lines = [0.5] if regions == 1 else torch.linspace(0.375, 0.625, regions).tolist()
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., 0], images[..., -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]                 # [B,3,1,1]
+    views = []
+    for size, shape in ((W, (1, 1, 1, W)), (H, (1, 1, H, 1))):
+        for line in lines:
+            near = (torch.arange(size, device=images.device) < round(line * size)).view(shape).to(images.dtype)
+            views += [images * near + background * (1 - near), images * (1 - near) + background * near]
+    return torch.stack(views, dim=1)
 
-    def __init__(self, keys=None, names=(), topn=10, search_k=32, backend="torch", info=None):
+
+class NameMemory(nn.Module):
+    """Names and their keys; retrieve() gives each image its nearest names by cosine similarity,
+    retrieve_regions() the names of its regions (regions > 0: VLV.caption asks for them)."""
+
+    def __init__(self, keys=None, names=(), topn=10, search_k=32, backend="torch", info=None, regions=0):
         super().__init__()
         self.info = info or {}  # what build_memory.py recorded: space, stage-1 checkpoint and fingerprint
         if backend not in ("torch", "faiss"):
             raise BadInput(f"memory backend {backend!r}: use 'torch' or 'faiss'")
+        if not isinstance(regions, int) or regions < 0:
+            raise BadInput(f"memory regions {regions!r}: the number of split lines an axis, 0 (whole images) or more")
         self.names, self.topn, self.search_k, self.backend = list(names), topn, search_k, backend
+        self.regions = regions
         self.register_buffer("keys", torch.zeros(0, 1), persistent=False)  # the memory file holds them
         self._index = None
         if keys is not None:
@@ -129,6 +151,36 @@ class NameMemory(nn.Module):
         for row in index.tolist():
             names = list(dict.fromkeys(self.names[i] for i in row))      # de-duplicated, order kept
             out.append(names[:self.topn])
+        return out
+
+    def region_views(self, images):
+        """images [B,3,H,W] -> the views retrieve_regions reads, [B,4*regions,3,H,W] (region_views)."""
+        return region_views(images, self.regions)
+
+    @torch.no_grad()
+    def retrieve_regions(self, x, views):
+        """x [B,L,D]: the images; views [B,V,L,D]: their region_views, in the same space -> per image,
+        the nearest names of two complementary views, in the views' order (left or top first), where
+        that pair matches the memory better than the whole image does (the weaker view's nearest key
+        nearer than the image's), else retrieve(x)'s names.
+
+        EVCap retrieves by the whole image; a two-object scene's key then lies near neither of its
+        names (on the toy world both are right for 0.05 of them), where a view cut between the
+        objects lies near its one object's keys. A one-object image's whole key is nearer than its
+        views' (one of each pair is background alone). Exhaustive search over the keys, as the
+        torch backend's: each view needs only its nearest key."""
+        whole = self.retrieve(x)
+        if not len(self.names):
+            return whole
+        B, V = views.shape[:2]
+        nearest = (memory_key(views.flatten(0, 1)) @ self.keys.T).max(dim=1)      # [B*V] over the keys
+        sims, keys = nearest.values.view(B, V // 2, 2), nearest.indices.view(B, V // 2, 2)
+        pair_sim, pair = sims.min(dim=2).values.max(dim=1)                         # [B]: the best pair
+        whole_sim = (memory_key(x) @ self.keys.T).amax(dim=1)                       # [B]
+        out = []
+        for b in range(B):
+            names = [self.names[i] for i in keys[b, pair[b]].tolist()]
+            out.append(names if pair_sim[b] > whole_sim[b] and names[0] != names[1] else whole[b])
         return out
 
 
@@ -190,7 +242,7 @@ class EVCap(EmbToCaption):
                         search_k=32, memory_backend="torch", freeze_qformer=True, freeze_lm=True, prompt=None,
                         names_in_prompt=False, name_tokens=32, train_names="memory", name_mask=0.4,
                         image_noise_std=0.0, name_swap=0.0, swap_names=None, shuffle_names=False,
-                        memory_fingerprint=None,
+                        memory_fingerprint=None, memory_regions=0,
                         dtype=torch.float32) -> "EVCap":
         """llm: a causal LM (hub id or folder). memory: a build_memory.py file or None (no names);
         memory_fingerprint, when given, must be its fingerprint (a checkpoint's config records it).
@@ -204,7 +256,8 @@ class EVCap(EmbToCaption):
         for another of swap_names (default: the memory's), so the LM learns to write the names it is
         handed over the pair the image shows (counterfactual pairs). shuffle_names: each image's names
         in a random order while training, not its captions' (at inference the memory's order says
-        nothing of the caption's)."""
+        nothing of the caption's). memory_regions: at inference, names retrieved by region views
+        (NameMemory.retrieve_regions, that many split lines an axis) instead of the whole image."""
         from transformers import Blip2QFormerModel
         prompt = prompt or (PROMPT_WITH_NAMES if names_in_prompt else PROMPT)
         if prompt.count(IMAGE_SLOT) != 1:
@@ -223,6 +276,9 @@ class EVCap(EmbToCaption):
                             ("shuffle_names", shuffle_names)):
             if value and train_names != "caption":
                 raise BadInput(f"{flag} acts on the names the captions say: set train_names='caption'")
+        if memory_regions and train_names != "caption":
+            raise BadInput(f"memory_regions {memory_regions}: region retrieval reads the images, which the loss's "
+                           f"retrieval does not see; set train_names='caption' (the loss hands the captions' names)")
         if not 0 <= name_swap < 1:
             raise BadInput(f"name_swap {name_swap}: a probability in [0, 1)")
         if min(num_query_tokens, num_name_queries, topn, search_k) < 1:
@@ -263,10 +319,11 @@ class EVCap(EmbToCaption):
                       freeze_lm=freeze_lm, prompt=prompt, names_in_prompt=names_in_prompt, name_tokens=name_tokens,
                       train_names=train_names, name_mask=name_mask if train_names == "caption" else None,
                       image_noise_std=image_noise_std, name_swap=name_swap, shuffle_names=shuffle_names,
-                      swap_names=sorted(set(swap_names if swap_names is not None else names)) if name_swap else None)
+                      swap_names=sorted(set(swap_names if swap_names is not None else names)) if name_swap else None,
+                      memory_regions=memory_regions)
         if name_swap and len(config["swap_names"]) < 2:
             raise BadInput(f"name_swap needs at least 2 names to swap between; it has {config['swap_names']}")
-        names = NameMemory(keys, names, topn, search_k, memory_backend, info)
+        names = NameMemory(keys, names, topn, search_k, memory_backend, info, memory_regions)
         model = cls(lm, tokenizer, config, image_qformer, fusion, names)
         lm.requires_grad_(not freeze_lm)
         image_qformer.requires_grad_(not freeze_qformer)

@@ -56,8 +56,16 @@ class VLV(nn.Module):
 
     @torch.no_grad()
     def caption(self, images, **decoding):
-        """images [B,3,S,S] in [0,1] -> B captions (decoding: EmbToCaption.generate's settings)."""
-        return self.captioner.generate(self.prefix(images), **decoding)
+        """images [B,3,S,S] in [0,1] -> B captions (decoding: EmbToCaption.generate's settings). An
+        EVCap memory with regions retrieves each image's names from its region views here, where the
+        images are (their views through the encoder, in the memory's space)."""
+        prefix = self.prefix(images)
+        memory = self.captioner.memory if self.captioner.kind == "evcap" else None
+        if memory is None or not memory.regions:
+            return self.captioner.generate(prefix, **decoding)
+        views = memory.region_views(images)                                    # [B,V,3,S,S]
+        x = self.captioner_input(self.encoder(views.flatten(0, 1))).unflatten(0, views.shape[:2])  # [B,V,L,D]
+        return self.captioner.generate(prefix, names=memory.retrieve_regions(prefix, x), **decoding)
 
     @torch.no_grad()
     def regenerate(self, images=None, captions=None, num_inference_steps=50, guidance_scale=2.0, seed=0):

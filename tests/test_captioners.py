@@ -198,6 +198,41 @@ def test_memory_ranks_and_deduplicates_names():
         NameMemory(torch.eye(3), ["a", "b", "c"]).retrieve(query)
 
 
+def test_region_views_paint_each_side_of_each_line_in_the_background():
+    from models.evcap import region_views
+    image = torch.full((1, 3, 8, 8), 0.1)                    # background 0.1, border included
+    image[0, 0, 3:5, 1:3], image[0, 2, 3:5, 5:7] = 0.9, 0.8  # red on the left, blue on the right
+    views = region_views(image, 1)
+    assert views.shape == (1, 4, 3, 8, 8)
+    left, right, top, bottom = views[0]
+    assert torch.equal(left[:, :, :4], image[0, :, :, :4]) and (left[:, :, 4:] == 0.1).all()
+    assert torch.equal(right[:, :, 4:], image[0, :, :, 4:]) and (right[:, :, :4] == 0.1).all()
+    assert (top[:, 4:] == 0.1).all() and (bottom[:, :4] == 0.1).all()  # the line across the height
+    assert region_views(image, 3).shape[1] == 12                         # 3 lines an axis, 2 views each
+
+
+def test_regions_find_both_names_of_a_two_object_scene_and_one_of_one():
+    """The rule of retrieve_regions: a pair of complementary views whose weaker match beats the whole
+    image's gives both its names, in the views' order; a one-object image keeps its whole-image name."""
+    from models.evcap import NameMemory
+    keys = torch.eye(3)                                       # one key a name
+    memory = NameMemory(keys, ["cat", "dog", "bird"], topn=1, regions=1)
+
+    def tokens(*rows):                                        # -> [len(rows),1,3]: one token each
+        return torch.tensor(rows)[:, None, :]
+    two = tokens([0.7, 0.7, 0.1])                             # cat and dog: near neither key
+    two_views = tokens([1.0, 0.0, 0.1], [0.0, 1.0, 0.1],       # left | right: cat, dog
+                       [0.7, 0.7, 0.2], [0.7, 0.7, 0.0])[None]  # top | bottom: both halves of both
+    one = tokens([1.0, 0.05, 0.0])                            # a cat alone
+    one_views = tokens([1.0, 0.1, 0.0], [0.3, 0.3, 0.3], [1.0, 0.1, 0.0], [0.3, 0.3, 0.3])[None]
+    found = memory.retrieve_regions(torch.cat([two, one]), torch.cat([two_views, one_views]))
+    assert found == [["cat", "dog"], ["cat"]]
+    assert memory.retrieve(two) == [["cat"]]                  # the whole image: one name of the two
+    assert NameMemory(regions=1).retrieve_regions(two, two_views) == [[]]
+    with pytest.raises(BadInput, match="memory regions -1"):
+        NameMemory(keys, ["cat", "dog", "bird"], regions=-1)
+
+
 # ---- the scripts ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tiny_world, tmp_path_factory):
@@ -276,6 +311,40 @@ def test_infer_and_eval_read_every_captioner(world, runs, kind, tmp_path):
     eval_captioning.main(argv_of(stage1_ckpt=world["stage1"], stage2_ckpt=stage2, data_dir=world["data"],
                                  split="val", metrics="bleu", out_jsonl=out, max_new_tokens=6, num_beams=1))
     assert len(open(out).readlines()) == 6
+
+
+def test_evcap_with_regions_captions_from_the_names_its_region_views_find(world, runs):
+    """VLV.caption with memory_regions: the views of each image go through the encoder, and the names
+    retrieve_regions finds for them are those the captioner reads (the same captions as handing it
+    those names through the whole-image retrieval)."""
+    from unittest import mock
+    from data.coco import image_transform, load_rgb
+    from data.toy_world import folder_of, name_of
+    vlv = common.load_vlv(world["stage1"], runs["evcap_names"])
+    memory = vlv.captioner.memory
+    val = sorted(os.listdir(os.path.join(world["data"], "val2017")))[:3]
+    images = torch.stack([image_transform(vlv.image_size)(load_rgb(os.path.join(world["data"], "val2017", f)))
+                          for f in val])
+    names = [[name_of(folder_of("red", "circle")), name_of(folder_of("blue", "square"))], ["green triangle"], []]
+    memory.regions = 2
+    with mock.patch.object(memory, "retrieve_regions", return_value=names) as found:
+        by_regions = vlv.caption(images, num_beams=2, max_new_tokens=6)
+    x, views = found.call_args.args
+    assert x.shape[0] == 3 and views.shape[:2] == (3, 8) and views.shape[2:] == x.shape[1:]
+    memory.regions = 0
+    with mock.patch.object(memory, "retrieve", return_value=names):
+        assert vlv.caption(images, num_beams=2, max_new_tokens=6) == by_regions
+    memory.regions = 1
+    assert len(vlv.caption(images, num_beams=1, max_new_tokens=6)) == 3   # the real rule, end to end
+
+
+def test_memory_regions_refused_where_nothing_would_read_them(world, tmp_path):
+    out = str(tmp_path / "regions")
+    flags = dict(CAPTIONER_FLAGS["evcap"], memory=world["memory"], memory_regions=3)
+    with pytest.raises(BadInput, match=r"--memory_regions retrieves from the images' regions, .* add --train_names caption"):
+        train_stage2.main(stage2_argv(world, out, **flags))
+    with pytest.raises(BadInput, match="--memory_regions retrieves EVCap's memory names by region; --captioner prefix"):
+        train_stage2.main(stage2_argv(world, out, memory_regions=3))
 
 
 def test_evcap_checkpoint_holds_what_trains_and_its_fresh_qformers(runs):
@@ -363,9 +432,10 @@ def test_memory_retrieval_benchmark_scores_each_key_space(world, tmp_path, capsy
     table = memory_retrieval.main(argv_of(run=str(run), stage2_ckpt=f"tuned={world['stage2']}", val_world=12,
                                           pair_images=1))
     assert [row[0] for row in table] == ["stage 1 (the memory file's keys)", "tuned (fine-tuned encoder)",
+                                         "stage 1, region views (3 lines an axis; one name a region)",
                                          "stage 1, the memory + 1 two-object images a pair (the nearest key's names)"]
     cells = [float(c) for row in table for c in row[1:] if c not in ("nan", "-")]
-    assert all(len(row) == 9 for row in table) and table[2][5:] == ["-"] * 4
+    assert all(len(row) == 9 for row in table) and table[2][5:] == table[3][5:] == ["-"] * 4
     assert len(cells) > 8 and all(0 <= c <= 1 for c in cells)
     assert "| keys and queries by | pooled: 1 object seen" in capsys.readouterr().out
     with pytest.raises(BadInput, match="memory_images does not exist"):
