@@ -90,12 +90,12 @@ def region_scores(encoder, sd, keys, names, images, x, regions, truths, heldout,
     axis; one name a region) right, as a set, for each val image (images [N,3,S,S], their tokens x)."""
     from models.evcap import NameMemory
     memory = NameMemory(keys, names, topn=1, regions=regions)
+    def embed(views):
+        z = encoder(views)
+        return (sd.condition(z) if space == "cond" else z).float()
     found = []
     for s in range(0, len(images), 64):
-        views = memory.region_views(images[s:s + 64])                                  # [b,V,3,S,S]
-        z = encoder(views.flatten(0, 1))
-        v = (sd.condition(z) if space == "cond" else z).float().unflatten(0, views.shape[:2])
-        found += memory.retrieve_regions(x[s:s + 64], v)
+        found += memory.names_by_regions(images[s:s + 64], x[s:s + 64], embed)
     return grouped([set(f) == t for f, t in zip(found, truths)], truths, heldout)
 
 

@@ -153,9 +153,11 @@ class NameMemory(nn.Module):
             out.append(names[:self.topn])
         return out
 
-    def region_views(self, images):
-        """images [B,3,H,W] -> the views retrieve_regions reads, [B,4*regions,3,H,W] (region_views)."""
-        return region_views(images, self.regions)
+    def names_by_regions(self, images, x, embed):
+        """images [B,3,H,W] and x [B,L,D], their tokens in the memory's space -> retrieve_regions' names,
+        the region views put through embed ([N,3,H,W] -> [N,L,D] in the same space)."""
+        views = region_views(images, self.regions)                                  # [B,V,3,H,W]
+        return self.retrieve_regions(x, embed(views.flatten(0, 1)).unflatten(0, views.shape[:2]))  # [B,V,L,D]
 
     @torch.no_grad()
     def retrieve_regions(self, x, views):

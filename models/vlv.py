@@ -63,9 +63,8 @@ class VLV(nn.Module):
         memory = self.captioner.memory if self.captioner.kind == "evcap" else None
         if memory is None or not memory.regions:
             return self.captioner.generate(prefix, **decoding)
-        views = memory.region_views(images)                                    # [B,V,3,S,S]
-        x = self.captioner_input(self.encoder(views.flatten(0, 1))).unflatten(0, views.shape[:2])  # [B,V,L,D]
-        return self.captioner.generate(prefix, names=memory.retrieve_regions(prefix, x), **decoding)
+        names = memory.names_by_regions(images, prefix, lambda views: self.captioner_input(self.encoder(views)))
+        return self.captioner.generate(prefix, names=names, **decoding)
 
     @torch.no_grad()
     def regenerate(self, images=None, captions=None, num_inference_steps=50, guidance_scale=2.0, seed=0):
