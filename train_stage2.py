@@ -53,6 +53,10 @@ def build_parser():
     g.add_argument("--encoder_lr", type=float, default=None,
                    help="--finetune_encoder: the encoder's learning rate (default --lr); e.g. a pretrained BERT "
                         "decoder at a small --lr beside an encoder that learns at stage 1's")
+    g.add_argument("--encoder_from", default=None,
+                   help="a stage-2 checkpoint (or run folder) that fine-tuned its encoder: start from that encoder "
+                        "(frozen unless --finetune_encoder) instead of stage 1's; with --captioner evcap the memory "
+                        "is re-keyed by it once, e.g. BLIP's fine-tuned encoder names 1.00 of toy scenes right")
     g.add_argument("--reinit_encoder", action="store_true",
                    help="baseline without stage 1: the same encoder freshly initialised and trained "
                         "with the captioner (implies --finetune_encoder)")
@@ -113,6 +117,9 @@ def build_parser():
                    help="--train_names caption: hand each image its names in a random order while training, not in "
                         "its captions' order: at inference the memory's order says nothing of the caption's, so "
                         "the LM has to choose which object to write first from the image")
+    g.add_argument("--spatial_names", action="store_true",
+                   help="--train_names caption: hand two names left or top first, as the caption's relation words "
+                        "place them: the order --memory_regions retrieves them in (not with --shuffle_names)")
     g.add_argument("--swap_from", default="seen", choices=["seen", "memory"],
                    help="--name_swap's names: seen: those the training captions say (no other pair enters the "
                         "text); memory: all of the memory's, a pair no caption holds among them (text-only "
@@ -189,7 +196,7 @@ def parse_args(argv=None):
     if args.train_names == "caption" and args.memory == "none":
         common.die("--train_names caption takes the names from the memory's vocabulary; --memory none has none: "
                    "pass a memory or --train_names memory")
-    for flag in ("image_noise_std", "name_swap", "shuffle_names"):
+    for flag in ("image_noise_std", "name_swap", "shuffle_names", "spatial_names"):
         if getattr(args, flag) and args.train_names != "caption":
             common.die(f"--{flag} acts on the names the captions say: add --train_names caption")
     if args.train_names != "caption":
@@ -205,6 +212,11 @@ def parse_args(argv=None):
     if args.memory and args.captioner != "evcap":
         common.die(f"--memory is for --captioner evcap, not {args.captioner}")
     args.finetune_encoder = args.finetune_encoder or args.reinit_encoder
+    if args.encoder_from and (args.reinit_encoder or args.text_only):
+        common.die("--encoder_from starts from another run's encoder; --reinit_encoder drops it and --text_only reads "
+                   "no image: drop one of them")
+    if args.encoder_from:
+        args.encoder_from = common.resolve_checkpoint(args.encoder_from, "captioner")
     if args.encoder_lr is not None and not args.finetune_encoder:
         common.die(f"--encoder_lr {args.encoder_lr}: the encoder is frozen in this run, so no weight would learn at "
                    f"that rate; add --finetune_encoder or drop --encoder_lr")
@@ -270,6 +282,7 @@ def _build_captioner(args, sd, stage1_fingerprint, dataset):
             freeze_lm=not args.finetune_lm, names_in_prompt=args.names_in_prompt, name_tokens=args.name_tokens,
             train_names=args.train_names, name_mask=args.name_mask, image_noise_std=args.image_noise_std,
             name_swap=args.name_swap, swap_names=swap_names, shuffle_names=args.shuffle_names,
+            spatial_names=args.spatial_names,
             memory_regions=args.memory_regions, **prompt)
         if memory:
             info = captioner.memory.info
@@ -327,8 +340,21 @@ def text_inputs(args, sd, dataset, stage1_fingerprint, device):
     return centred, space
 
 
+def encoder_from(path, stage1_fingerprint):
+    """The fine-tuned encoder's weights in the stage-2 checkpoint at path, refused when that run kept stage 1's
+    encoder or started from other stage-1 weights."""
+    ckpt = common.load_checkpoint(path, "stage2")
+    if "encoder" not in ckpt["model"]:
+        common.die(f"--encoder_from {path}: that run kept stage 1's encoder frozen, so it holds none of its own; pass "
+                   f"a run trained with --finetune_encoder, or drop --encoder_from")
+    if ckpt["config"]["stage1_fingerprint"] != stage1_fingerprint:
+        common.die(f"--encoder_from {path} was trained from the stage-1 weights of {ckpt['config']['stage1_ckpt']}, "
+                   f"not from those of --stage1_ckpt; pass the stage-1 checkpoint it was trained with")
+    return ckpt["model"]["encoder"]
+
+
 def memory_rekeyer(args, vlv, image_size, device):
-    """EVCap with a fine-tuned encoder: -> rekey(), which keys the memory's images anew by the encoder
+    """EVCap with a fine-tuned encoder (or one from --encoder_from): -> rekey(), which keys the memory's images anew by the encoder
     as it is now, puts the keys in the memory and returns them [M,D] (once per weights); None otherwise.
     The memory file's keys are stage 1's, and the encoder's z drifts from them as it trains; training
     itself never retrieves (--train_names caption). On the toy world the prefix captioner's fine-tuned
@@ -336,7 +362,7 @@ def memory_rekeyer(args, vlv, image_size, device):
     but the encoder EVCap fine-tunes does not (0.21): its Q-Former keeps no cosine geometry
     (docs/measurements.md, 2026-12-06)."""
     memory = vlv.captioner.memory if vlv.captioner.kind == "evcap" else None  # BLIP's `memory` is its z map
-    if not (args.finetune_encoder and memory is not None and len(memory)):
+    if not ((args.finetune_encoder or args.encoder_from) and memory is not None and len(memory)):
         return None
     from data.coco import image_transform
     from scripts.build_memory import memory_keys
@@ -358,7 +384,8 @@ def memory_rekeyer(args, vlv, image_size, device):
             cache[weights] = keys
         memory.set_keys(cache[weights])
         return cache[weights]
-    print(f"memory: re-keyed by the fine-tuned encoder at each checkpoint and sample, from {images_dir}", flush=True)
+    when = "at each checkpoint and sample" if args.finetune_encoder else "once (the encoder is frozen)"
+    print(f"memory: re-keyed by the encoder {when}, from {images_dir}", flush=True)
     return rekey
 
 
@@ -370,6 +397,8 @@ def main(argv=None):
     image_size = args.image_size or stage1_config["image_size"]
     if args.reinit_encoder:  # keep stage 1's shapes and frozen SD, drop what it learned
         encoder = VisionToTextEmb.from_config(stage1_config["encoder"]).to(accelerator.device)
+    if args.encoder_from:
+        encoder.load_state_dict(encoder_from(args.encoder_from, stage1_fingerprint))
     encoder.requires_grad_(args.finetune_encoder)
     if not args.finetune_encoder:
         encoder.eval()
@@ -384,6 +413,8 @@ def main(argv=None):
                                    f"{sum(p.numel() for p in captioner.parameters()):,}")
     vlv = VLV(encoder, sd, captioner, args.prefix_source, image_size)
     rekey = memory_rekeyer(args, vlv, image_size, accelerator.device)
+    if rekey and args.encoder_from:  # the memory file's keys are stage 1's: key it by this encoder before training
+        rekey()
 
     repeats = {}
     if args.two_object_repeat > 1:
@@ -414,7 +445,7 @@ def main(argv=None):
 
     def model_state():
         state = {"captioner": captioner.trainable_state_dict()}
-        if args.finetune_encoder:
+        if args.finetune_encoder or args.encoder_from:  # not stage 1's weights: inference reads these
             state["encoder"] = encoder.state_dict()
         if rekey:  # the memory's keys by this encoder: what inference retrieves with
             state["memory_keys"] = rekey()
@@ -434,7 +465,7 @@ def main(argv=None):
                   image_size=image_size,
                   stage1=stage1_config, stage1_ckpt=os.path.abspath(args.stage1_ckpt),
                   stage1_fingerprint=stage1_fingerprint, finetune_encoder=args.finetune_encoder,
-                  reinit_encoder=args.reinit_encoder,
+                  reinit_encoder=args.reinit_encoder, encoder_from=args.encoder_from,
                   text_space={k: v for k, v in text_space.items() if k != "mean"} if text_space else None)
     if accelerator.is_main_process:
         common.save_json(os.path.join(args.output_dir, "config.json"), config)

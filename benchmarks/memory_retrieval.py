@@ -7,8 +7,8 @@ given (what train_stage2.py --captioner evcap --finetune_encoder re-keys the mem
 scores retrieval on a fresh toy val split: the nearest name of one-object scenes, and both names
 of two-object scenes among the two nearest, with the query pooled over z's tokens (the memory's
 key, EVCap's retrieval here) or searched token by token (EVCap searches each of its 32 query outputs).
-A row of region views (--regions N split lines an axis, NameMemory.retrieve_regions: two names
-where two views cut between two objects match the memory better than the whole image) reads stage 1's
+A row of region views for each encoder (--regions N split lines an axis, NameMemory.retrieve_regions: two
+names where two views cut between two objects match the memory better than the whole image) reads its
 memory as `train_stage2.py --memory_regions N` does; its count of names is the rule's, not the scene's.
 With --pair_images N a last row keys stage 1's memory plus N two-object images of every pair of names
 (data.toy_world.pair_scenes, both names on each key) and reads the names of the nearest key: the count
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--val_world", type=int, default=1000, help="images of the fresh val split")
     p.add_argument("--space", default="cond", choices=["cond", "z"], help="the memory's space")
     p.add_argument("--regions", type=int, default=3,
-                   help="N: a row of region views, N split lines an axis, on stage 1's memory (0: none)")
+                   help="N: a row of region views for each encoder, N split lines an axis (0: none)")
     p.add_argument("--pair_images", type=int, default=0,
                    help="N: add a row whose memory also holds N two-object images of every pair of names")
     return p.parse_args(argv)
@@ -148,10 +148,10 @@ def main(argv=None):
             f"{query}: {'1 object' if count == 1 else '2 objects, both'} {'held-out' if held else 'seen'} (n={n})"
             for (query, count, held), (_, n) in result.items()]
         table.append([label] + [f"{acc:.3f}" for acc, _ in result.values()])
-        # stage 1's keys and val tokens, already at hand; pooled columns only, the count the rule's
-        if args.regions and stage2 is None:
+        # this encoder's keys and val tokens, already at hand; pooled columns only, the count the rule's
+        if args.regions:
             found = region_scores(encoder, sd, keys, names, images, x, args.regions, truths, heldout, args.space)
-            extra_rows.append([f"stage 1, region views ({args.regions} lines an axis; one name a region)"]
+            extra_rows.append([f"{label.split(' (')[0]}, region views ({args.regions} lines an axis; one name a region)"]
                               + [f"{acc:.3f}" for acc, _ in found.values()] + ["-"] * 4)
         if args.pair_images and stage2 is None:
             pairs = pair_memory_scores(encoder, sd, keys, names, x, args.pair_images, info["stage1_image_size"],

@@ -40,6 +40,8 @@ IMAGE_SLOT = "<ImageHere>"
 # also as words in the prompt, which a fine-tuned LM learns to copy, where the fused name queries
 # give it only a projection to decode.
 NAMES_SLOT = "<Names>"
+# Relation words after which the second-mentioned object is the left or top one ("A right of B").
+SECOND_FIRST = re.compile(r"\b(right of|below|under|beneath|underneath)\b")
 PROMPT_WITH_NAMES = "###Human: <Img><ImageHere></Img> There are <Names> in the image. ###Assistant: "
 
 
@@ -244,7 +246,7 @@ class EVCap(EmbToCaption):
                         search_k=32, memory_backend="torch", freeze_qformer=True, freeze_lm=True, prompt=None,
                         names_in_prompt=False, name_tokens=32, train_names="memory", name_mask=0.4,
                         image_noise_std=0.0, name_swap=0.0, swap_names=None, shuffle_names=False,
-                        memory_fingerprint=None, memory_regions=0,
+                        memory_fingerprint=None, memory_regions=0, spatial_names=False,
                         dtype=torch.float32) -> "EVCap":
         """llm: a causal LM (hub id or folder). memory: a build_memory.py file or None (no names);
         memory_fingerprint, when given, must be its fingerprint (a checkpoint's config records it).
@@ -259,7 +261,9 @@ class EVCap(EmbToCaption):
         handed over the pair the image shows (counterfactual pairs). shuffle_names: each image's names
         in a random order while training, not its captions' (at inference the memory's order says
         nothing of the caption's). memory_regions: at inference, names retrieved by region views
-        (NameMemory.retrieve_regions, that many split lines an axis) instead of the whole image."""
+        (NameMemory.retrieve_regions, that many split lines an axis) instead of the whole image.
+        spatial_names: with train_names="caption", two names in the order the image places them (left or
+        top first, spatial_order), the order region views hand them at inference."""
         from transformers import Blip2QFormerModel
         prompt = prompt or (PROMPT_WITH_NAMES if names_in_prompt else PROMPT)
         if prompt.count(IMAGE_SLOT) != 1:
@@ -278,6 +282,9 @@ class EVCap(EmbToCaption):
                             ("shuffle_names", shuffle_names)):
             if value and train_names != "caption":
                 raise BadInput(f"{flag} acts on the names the captions say: set train_names='caption'")
+        if spatial_names and (train_names != "caption" or shuffle_names):
+            raise BadInput("spatial_names orders the names its captions say: set train_names='caption', without "
+                           "shuffle_names")
         if memory_regions and train_names != "caption":
             raise BadInput(f"memory_regions {memory_regions}: region retrieval reads the images, which the loss's "
                            f"retrieval does not see; set train_names='caption' (the loss hands the captions' names)")
@@ -322,7 +329,7 @@ class EVCap(EmbToCaption):
                       train_names=train_names, name_mask=name_mask if train_names == "caption" else None,
                       image_noise_std=image_noise_std, name_swap=name_swap, shuffle_names=shuffle_names,
                       swap_names=sorted(set(swap_names if swap_names is not None else names)) if name_swap else None,
-                      memory_regions=memory_regions)
+                      memory_regions=memory_regions, spatial_names=spatial_names)
         if name_swap and len(config["swap_names"]) < 2:
             raise BadInput(f"name_swap needs at least 2 names to swap between; it has {config['swap_names']}")
         names = NameMemory(keys, names, topn, search_k, memory_backend, info, memory_regions)
@@ -439,6 +446,11 @@ class EVCap(EmbToCaption):
         for owner, caption in zip(owners, captions):
             rows[owner] += self.caption_names(caption)
         names = [list(dict.fromkeys(row)) for row in rows]
+        if self.config.get("spatial_names"):
+            first = {}  # each image's first caption says where its objects are
+            for owner, caption in zip(owners, captions):
+                first.setdefault(owner, caption)
+            names = [self.spatial_order(row, first.get(k, "")) for k, row in enumerate(names)]
         if self.training and self.config.get("shuffle_names"):
             # In their captions' order the names tell the LM which object comes first, and it writes them
             # so; the memory's order at inference tells nothing, and the relation came out at chance.
@@ -455,6 +467,22 @@ class EVCap(EmbToCaption):
             # image made unsure, the names are the evidence to copy, also a pair no caption held.
             z = rms_noised(z, self.config["image_noise_std"])
         return self.prefix_embeds(z, names), captions
+
+    def spatial_order(self, names, caption):
+        """Two names -> left or top first, as the caption's relation words between them place them ("a
+        red circle right of a blue square": blue square, red circle); other counts as they are. Region
+        views hand two names so (NameMemory.retrieve_regions), so an LM trained on this order reads the
+        relation's direction from it and only its axis from the image."""
+        if len(names) != 2:
+            return names
+        spans = [m for m in self.name_pattern.finditer(caption)]
+        if len(spans) < 2:
+            return names
+        between = caption[spans[0].end():spans[1].start()].lower()
+        said = [self.name_of[m.group(1).lower()] for m in spans[:2]]
+        if set(said) != set(names):
+            return names
+        return said[::-1] if SECOND_FIRST.search(between) else said
 
     def swap_names(self, names, captions, owners):
         """Counterfactual pairs: with probability name_swap, one name of an image (drawn at random)

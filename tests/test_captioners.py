@@ -376,6 +376,8 @@ def test_name_swap_draws_the_names_training_captions_say(world, runs):
         train_stage2.main(stage2_argv(world, out, **dict(flags, train_names="memory")))
     with pytest.raises(BadInput, match="--shuffle_names acts on the names the captions say: add --train_names caption"):
         train_stage2.main(stage2_argv(world, out, **dict(flags, train_names="memory", name_swap=0.0, shuffle_names=True)))
+    with pytest.raises(BadInput, match="--spatial_names acts on the names the captions say: add --train_names caption"):
+        train_stage2.main(stage2_argv(world, out, **dict(flags, train_names="memory", name_swap=0.0, spatial_names=True)))
 
 
 def test_name_swap_run_resumed_equals_uninterrupted(world, tmp_path):
@@ -421,6 +423,32 @@ def test_evcap_with_a_finetuned_encoder_rekeys_its_memory(world, tmp_path):
                                       finetune_encoder=True))
 
 
+def test_evcap_reads_another_runs_encoder_and_keys_its_memory_by_it(world, runs, tmp_path):
+    """--encoder_from: the encoder a stage-2 run fine-tuned starts this one, frozen; the checkpoint holds it
+    (inference reads it, not stage 1's) and the memory's keys by it, computed once before training."""
+    from data.coco import image_transform
+    from models.evcap import load_memory
+    from scripts.build_memory import memory_keys
+    out = str(tmp_path / "evcap_from")
+    flags = dict(CAPTIONER_FLAGS["evcap_names"], memory=world["memory"], encoder_from=world["stage2"],
+                 mixed_precision="no")
+    train_stage2.main(stage2_argv(world, out, **flags))
+    ckpt = common.load_checkpoint(common.resolve_checkpoint(out, "captioner"), "stage2")
+    source = common.load_checkpoint(common.resolve_checkpoint(world["stage2"], "captioner"), "stage2")
+    assert common.fingerprint(ckpt["model"]["encoder"]) == common.fingerprint(source["model"]["encoder"])  # frozen
+    vlv = common.load_vlv(world["stage1"], out)
+    keys, names, _ = memory_keys(vlv.encoder, vlv.sd, world["names"], "cond", image_transform(16))
+    assert names == vlv.captioner.memory.names
+    assert torch.allclose(vlv.captioner.memory.keys, torch.nn.functional.normalize(keys, dim=-1), atol=1e-5)
+    assert not torch.allclose(vlv.captioner.memory.keys, load_memory(world["memory"])[0], atol=1e-3)
+    with pytest.raises(BadInput, match="kept stage 1's encoder frozen"):
+        train_stage2.main(stage2_argv(world, str(tmp_path / "x"), **dict(flags, encoder_from=runs["evcap"])))
+    with pytest.raises(BadInput, match="--reinit_encoder drops it"):
+        train_stage2.main(stage2_argv(world, str(tmp_path / "x"), **flags, reinit_encoder=True))
+    with pytest.raises(BadInput, match="not from those of --stage1_ckpt"):
+        train_stage2.main(stage2_argv(world, str(tmp_path / "x"), **flags, stage1_ckpt=world["other1"]))
+
+
 def test_memory_retrieval_benchmark_scores_each_key_space(world, tmp_path, capsys):
     """One row per encoder that keys the memory (stage 1's, then each fine-tuned one), every cell an
     accuracy of retrieval on a fresh val split; a run without memory images is one line."""
@@ -433,9 +461,10 @@ def test_memory_retrieval_benchmark_scores_each_key_space(world, tmp_path, capsy
                                           pair_images=1))
     assert [row[0] for row in table] == ["stage 1 (the memory file's keys)", "tuned (fine-tuned encoder)",
                                          "stage 1, region views (3 lines an axis; one name a region)",
-                                         "stage 1, the memory + 1 two-object images a pair (the nearest key's names)"]
+                                         "stage 1, the memory + 1 two-object images a pair (the nearest key's names)",
+                                         "tuned, region views (3 lines an axis; one name a region)"]
     cells = [float(c) for row in table for c in row[1:] if c not in ("nan", "-")]
-    assert all(len(row) == 9 for row in table) and table[2][5:] == table[3][5:] == ["-"] * 4
+    assert all(len(row) == 9 for row in table) and table[2][5:] == table[3][5:] == table[4][5:] == ["-"] * 4
     assert len(cells) > 8 and all(0 <= c <= 1 for c in cells)
     assert "| keys and queries by | pooled: 1 object seen" in capsys.readouterr().out
     with pytest.raises(BadInput, match="memory_images does not exist"):
@@ -713,6 +742,29 @@ def test_evcap_shuffle_names_hands_them_in_both_orders_while_training(evcap_capt
     with pytest.raises(BadInput, match="shuffle_names acts on the names the captions say"):
         EVCap.from_pretrained(captioner.config["llm"], prefix_len=4, prefix_dim=8, qformer_hidden=16,
                               qformer_layers=2, qformer_heads=2, shuffle_names=True)
+
+
+def test_evcap_spatial_names_hand_two_names_left_or_top_first(evcap_caption_names, monkeypatch):
+    """spatial_names: two names in the order the caption's relation words place the objects (left or top
+    first: the order region views retrieve them in), whichever the caption mentions first, in training and
+    eval alike; one name as it is; refused beside shuffle_names."""
+    from models.evcap import EVCap
+    captioner, z, _, _ = evcap_caption_names
+    handed, wrapped = [], captioner.prefix_embeds
+    monkeypatch.setattr(captioner, "prefix_embeds", lambda x, names=None: handed.append(names) or wrapped(x, names))
+    monkeypatch.setitem(captioner.config, "spatial_names", True)
+    captions = ["a green triangle to the right of a blue square", "there is a blue square under a green triangle",
+                "a red circle"]
+    captioner.token_nll(z, captions)
+    assert handed[-1] == [["blue square", "green triangle"], ["green triangle", "blue square"], ["red circle"]]
+    captioner.train()
+    captioner.token_nll(z[:2], ["a red circle above a blue square", "a red circle left of a green triangle"])
+    assert handed[-1] == [["red circle", "blue square"], ["red circle", "green triangle"]]
+    captioner.eval()
+    with pytest.raises(BadInput, match="spatial_names orders the names its captions say"):
+        EVCap.from_pretrained(captioner.config["llm"], prefix_len=4, prefix_dim=8, qformer_hidden=16,
+                              qformer_layers=2, qformer_heads=2, train_names="caption", shuffle_names=True,
+                              spatial_names=True)
 
 
 @needs_minilm
