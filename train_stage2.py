@@ -354,8 +354,9 @@ def encoder_from(path, stage1_fingerprint):
 
 
 def memory_rekeyer(args, vlv, image_size, device):
-    """EVCap with a fine-tuned encoder (or one from --encoder_from): -> rekey(), which keys the memory's images anew by the encoder
-    as it is now, puts the keys in the memory and returns them [M,D] (once per weights); None otherwise.
+    """EVCap with a fine-tuned encoder (or one from --encoder_from): -> rekey(), which keys the memory's
+    images anew by the encoder as it is now, puts the keys in the memory and returns them [M,D] (once per
+    weights); None otherwise.
     The memory file's keys are stage 1's, and the encoder's z drifts from them as it trains; training
     itself never retrieves (--train_names caption). On the toy world the prefix captioner's fine-tuned
     encoder keys better than stage 1 (0.99-1.00 of seen single objects named right against 0.80-0.91),

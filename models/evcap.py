@@ -442,14 +442,12 @@ class EVCap(EmbToCaption):
         if self.config.get("train_names", "memory") != "caption":
             return self.prefix_embeds(z), captions
         owners = list(range(len(captions))) if groups is None else groups.tolist()
-        rows = [[] for _ in range(z.shape[0])]
+        rows, first = [[] for _ in range(z.shape[0])], {}
         for owner, caption in zip(owners, captions):
             rows[owner] += self.caption_names(caption)
+            first.setdefault(owner, caption)  # each image's first caption says where its objects are
         names = [list(dict.fromkeys(row)) for row in rows]
         if self.config.get("spatial_names"):
-            first = {}  # each image's first caption says where its objects are
-            for owner, caption in zip(owners, captions):
-                first.setdefault(owner, caption)
             names = [self.spatial_order(row, first.get(k, "")) for k, row in enumerate(names)]
         if self.training and self.config.get("shuffle_names"):
             # In their captions' order the names tell the LM which object comes first, and it writes them
@@ -475,7 +473,7 @@ class EVCap(EmbToCaption):
         relation's direction from it and only its axis from the image."""
         if len(names) != 2:
             return names
-        spans = [m for m in self.name_pattern.finditer(caption)]
+        spans = list(self.name_pattern.finditer(caption))
         if len(spans) < 2:
             return names
         between = caption[spans[0].end():spans[1].start()].lower()
